@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+
+from qstar_rl.config import ThoughtConfig
+from qstar_rl.model import ThinkingLM, tiny_lm
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+def randomise_thinking_parts(model: ThinkingLM, seed: int = 1) -> None:
+    """Give the mixing head a non-zero output layer and distinct meta tokens, so tests see every path."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.mixing_head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        model.start_embedding.add_(torch.randn(model.start_embedding.shape, generator=gen) * 0.5)
+        model.end_embedding.add_(torch.randn(model.end_embedding.shape, generator=gen) * 0.5)
+
+
+def make_model(family: str, num_thoughts=3, length=3, talk_length=2, randomise=True, **kw) -> ThinkingLM:
+    model = ThinkingLM(tiny_lm(family), ThoughtConfig(num_thoughts, length, talk_length, init_token_id=5, **kw))
+    if randomise:
+        randomise_thinking_parts(model)
+    return model
+
+
+def padded_batch(seq_len: int = 37, lengths=(37, 29), vocab: int = 97, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(lengths), seq_len), generator=gen)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        ids[b, n:] = 0
+    return ids, mask
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

@@ -1,0 +1,171 @@
+"""ThinkingLM against the plain per-branch reference (DESIGN.md section 1) on four model families."""
+
+import pytest
+import torch
+from conftest import make_model, padded_batch
+from reference import (
+    reference_base_logprobs,
+    reference_branch,
+    reference_greedy_thought,
+)
+
+import qstar_rl.model as model_module
+from qstar_rl.core.losses import quiet_star_loss
+
+ATOL = 1e-4
+
+
+def test_score_matches_plain_reference(family):
+    torch.manual_seed(0)
+    model = make_model(family, num_thoughts=3, length=3, talk_length=2)
+    ids, mask = padded_batch(seq_len=37, lengths=(37, 29))
+    thought_ids, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.score(ids, thought_ids, mask)
+        assert out.thought_logprobs.shape == (2, 3, 37, 3)
+        assert out.talk_logprobs.shape == out.mixing_weight.shape == (2, 3, 37, 2)
+        assert out.mixing_weight.abs().max() > 1e-3, "the randomised mixing head must be exercised"
+        checked = 0
+        for b, num_real in enumerate((37, 29)):
+            ref_base = reference_base_logprobs(model, ids, b, num_real)
+            torch.testing.assert_close(out.base_logprobs[b, : num_real - 1], ref_base, atol=ATOL, rtol=0)
+            for i in range(num_real):
+                for r in range(3):
+                    thought_lp, talk_lp, weight = reference_branch(model, ids, thought_ids, b, r, i)
+                    torch.testing.assert_close(out.thought_logprobs[b, r, i], thought_lp, atol=ATOL, rtol=0)
+                    if out.valid[b, i]:
+                        torch.testing.assert_close(out.talk_logprobs[b, r, i], talk_lp, atol=ATOL, rtol=0)
+                        torch.testing.assert_close(out.mixing_weight[b, r, i], weight, atol=ATOL, rtol=0)
+                        checked += 1
+        # valid = all K=2 targets inside the window and real: 37-2 and 29-2 positions
+        assert out.valid.sum().item() == (37 - 2) + (29 - 2)
+        assert checked == 3 * out.valid.sum().item()
+
+
+def test_sampled_logprobs_equal_scored_logprobs(family):
+    model = make_model(family, num_thoughts=2, length=4, talk_length=3)
+    ids, mask = padded_batch(seq_len=23, lengths=(23, 17), seed=3)
+    thought_ids, sampled_lp = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scored = model.score(ids, thought_ids, mask).thought_logprobs
+    real = mask.bool()[:, None, :].expand(-1, 2, -1)
+    torch.testing.assert_close(sampled_lp[real], scored[real], atol=ATOL, rtol=0)
+
+
+def test_greedy_sampling_equals_plain_greedy_generation(family):
+    model = make_model(family, num_thoughts=2, length=4, talk_length=2)
+    ids, mask = padded_batch(seq_len=19, lengths=(19, 13), seed=4)
+    thought_ids, _ = model.sample_thoughts(ids, mask, greedy=True)
+    assert torch.equal(thought_ids[:, 0], thought_ids[:, 1]), "greedy thoughts of one position are identical"
+    with torch.no_grad():
+        for b, i in [(0, 0), (0, 9), (0, 18), (1, 5), (1, 12)]:
+            assert thought_ids[b, 0, i].tolist() == reference_greedy_thought(model, ids, b, i).tolist()
+
+
+def test_sampling_is_seeded_and_temperature_matters():
+    model = make_model("llama", num_thoughts=2, length=5, talk_length=2)
+    ids, mask = padded_batch(seq_len=16, lengths=(16, 16))
+    a, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(7))
+    b, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(7))
+    c, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    cold, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(7), temperature=1e-4)
+    greedy, _ = model.sample_thoughts(ids, mask, greedy=True)
+    assert torch.equal(cold, greedy)
+
+
+def test_mixed_prediction_equals_base_at_initialisation(family):
+    model = make_model(family, num_thoughts=2, length=3, talk_length=3, randomise=False)
+    ids, mask = padded_batch(seq_len=21, lengths=(21, 15), seed=5)
+    thought_ids, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.score(ids, thought_ids, mask)
+    assert out.mixing_weight.abs().max().item() == 0.0
+    for s in range(3):  # talk step s predicts x_{i+s+1}, exactly what the base model predicts at i+s
+        expected = torch.zeros_like(out.base_logprobs)
+        expected[:, : 21 - s] = out.base_logprobs[:, s:]
+        valid = out.valid[:, None, :].expand(-1, 2, -1)
+        torch.testing.assert_close(
+            out.talk_logprobs[..., s][valid], expected[:, None, :].expand(-1, 2, -1)[valid], atol=1e-6, rtol=0
+        )
+
+
+def test_one_backward_reaches_every_trained_part(family):
+    model = make_model(family, num_thoughts=2, length=3, talk_length=2)
+    model.train()
+    ids, mask = padded_batch(seq_len=17, lengths=(17, 12), seed=6)
+    thought_ids, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    out = model.score(ids, thought_ids, mask)
+    loss = quiet_star_loss(
+        out.base_logprobs,
+        out.talk_logprobs,
+        out.policy_logprobs,
+        out.valid,
+        policy_weight=1.0,
+        positive_advantage_only=False,
+    )
+    loss.total.backward()
+    named = dict(model.named_parameters())
+    groups = {
+        "start_embedding": [named["start_embedding"]],
+        "end_embedding": [named["end_embedding"]],
+        "mixing_head": list(model.mixing_head.parameters()),
+        "lm": [p for n, p in named.items() if n.startswith("lm.")],
+    }
+    for name, params in groups.items():
+        grads = [p.grad for p in params if p.grad is not None]
+        assert grads, f"{name} got no gradient"
+        assert all(torch.isfinite(g).all() for g in grads), name
+        assert sum(g.abs().sum().item() for g in grads) > 0, f"{name} got an all-zero gradient"
+    # every LM weight matrix of every layer is trained (text K/V included)
+    assert all(p.grad is not None for p in groups["lm"] if p.requires_grad)
+
+
+def test_dense_and_efficient_paths_agree_and_efficient_is_default(family, monkeypatch):
+    model = make_model(family, num_thoughts=3, length=2, talk_length=2)
+    assert model.thought.attention == "efficient"
+    ids, mask = padded_batch(seq_len=13, lengths=(13, 9), seed=8)
+    calls = {"efficient": 0, "dense": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(model_module, "branch_attention", spy("efficient", model_module.branch_attention))
+    monkeypatch.setattr(model_module, "branch_attention_dense", spy("dense", model_module.branch_attention_dense))
+    thought_ids, lp_eff = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eff = model.score(ids, thought_ids, mask)
+    assert calls == {"efficient": calls["efficient"], "dense": 0} and calls["efficient"] > 0
+    model.thought.attention = "dense"
+    _, lp_dense = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = model.score(ids, thought_ids, mask)
+    assert calls["dense"] > 0
+    torch.testing.assert_close(lp_eff, lp_dense, atol=1e-5, rtol=0)
+    for field in ("thought_logprobs", "talk_logprobs", "mixing_weight", "base_logprobs"):
+        torch.testing.assert_close(getattr(eff, field), getattr(dense, field), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_thoughts,length,talk_length", [(2, 1, 1), (4, 2, 5), (2, 7, 1)])
+def test_odd_shapes_match_reference(num_thoughts, length, talk_length):
+    model = make_model("qwen2", num_thoughts=num_thoughts, length=length, talk_length=talk_length)
+    ids, mask = padded_batch(seq_len=11, lengths=(11, 8), seed=9)
+    thought_ids, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model.score(ids, thought_ids, mask)
+        for b, i, r in [(0, 0, 0), (0, 11 - talk_length - 1, num_thoughts - 1), (1, 2, 1)]:
+            thought_lp, talk_lp, _ = reference_branch(model, ids, thought_ids, b, r, i)
+            torch.testing.assert_close(out.thought_logprobs[b, r, i], thought_lp, atol=ATOL, rtol=0)
+            if out.valid[b, i]:
+                torch.testing.assert_close(out.talk_logprobs[b, r, i], talk_lp, atol=ATOL, rtol=0)
+
+
+def test_meta_tokens_start_from_the_init_token_embedding():
+    model = make_model("llama", randomise=False)
+    emb = model.lm.get_input_embeddings().weight
+    assert torch.equal(model.start_embedding.data, emb[5]) and torch.equal(model.end_embedding.data, emb[5])
+    assert model.start_embedding.data_ptr() != model.end_embedding.data_ptr()
