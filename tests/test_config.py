@@ -1,0 +1,107 @@
+"""Config loading, dotted overrides and validation: every problem listed at once, naming its key."""
+
+import itertools
+import json
+from dataclasses import fields, is_dataclass
+
+import pytest
+
+from qstar_rl.config import Config, ConfigError, deepspeed_batch_settings, load_config, validate
+
+
+def test_defaults_are_valid_and_overrides_are_typed():
+    config = load_config(None, ["thought.length=4", "optim.lr=1e-6", "train.steps=3", "wandb.name=null"])
+    assert (config.thought.length, config.optim.lr, config.train.steps) == (4, 1e-6, 3)
+    assert isinstance(config.optim.lr, float) and config.wandb.name is None
+    assert validate(config) == []
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("thought:\n  num_thoughts: 3\n  length: 5\ntrain:\n  steps: 7\n")
+    config = load_config(path, ["train.steps=9"])
+    assert (config.thought.num_thoughts, config.thought.length, config.train.steps) == (3, 5, 9)
+
+
+def test_all_type_and_key_problems_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["thought.lenght=4", "optim.lr=abc", "nope.x=1", "train.steps=2.5", "model=3"])
+    keys = [problem.split(":")[0] for problem in err.value.problems]
+    assert keys == ["thought.lenght", "optim.lr", "nope", "train.steps", "model"]
+
+
+def test_all_semantic_problems_at_once(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}))
+    config = load_config(
+        None,
+        [
+            "thought.num_thoughts=1",
+            "thought.attention=sparse",
+            "data.seq_len=3",
+            "thought.talk_length=4",
+            "optim.schedule=step",
+            "train.micro_batch_size=3",
+            "train.global_batch_size=9",
+            f"deepspeed.config={ds}",
+            "data.source=missing/*.jsonl",
+            "wandb.mode=loud",
+        ],
+    )
+    problems = validate(config, world_size=2)
+    text = "\n".join(problems)
+    for key in [
+        "thought.num_thoughts",
+        "thought.attention",
+        "data.seq_len",
+        "optim.schedule",
+        "train.global_batch_size",
+        "data.source",
+        "wandb.mode",
+    ]:
+        assert key in text, key
+    assert len(problems) == 7, problems
+    # with world size 1, 9 is a multiple of 3 and the DeepSpeed JSON's 4 now disagrees with B=3
+    problems = validate(config, world_size=1)
+    assert any("train_micro_batch_size_per_gpu=4" in p for p in problems)
+
+
+def test_deepspeed_json_must_exist_and_leave_the_optimizer_to_us(tmp_path):
+    assert "no such file" in validate(load_config(None, ["deepspeed.config=/nope.json"]))[0]
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}))
+    assert any("optimizer" in p for p in validate(load_config(None, [f"deepspeed.config={ds}"])))
+
+
+def test_batch_settings_come_from_the_config():
+    config = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8", "optim.grad_clip=0.5"])
+    assert deepspeed_batch_settings(config, world_size=2) == {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 8,
+        "gradient_clipping": 0.5,
+    }
+
+
+def test_every_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import qstar_rl.config as module
+
+    tree = ast.parse(inspect.getsource(module))
+    documented = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for a, b in itertools.pairwise(body):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    documented.add(f"{node.name}.{a.target.id}")
+
+    def walk(cls):
+        for f in fields(cls):
+            assert f"{cls.__name__}.{f.name}" in documented, f"{cls.__name__}.{f.name} has no docstring"
+            if is_dataclass(f.type):
+                walk(f.type)
+
+    walk(Config)

@@ -1,0 +1,223 @@
+"""The trainer end to end through its real entry points: subprocesses, real DeepSpeed ZeRO-3 (1 and 2 ranks
+on CPU with gloo, the second through the `deepspeed` launcher), checkpoints, kills, wandb offline files."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wandb_file import history
+
+from qstar_rl.config import ThoughtConfig
+from qstar_rl.engine import free_port
+from qstar_rl.export import checkpoint_state_dict
+from qstar_rl.model import ThinkingLM, load_lm
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "qstar_rl" / "configs" / "tiny.yaml"
+METRIC_KEYS = [
+    "reward/mean",
+    "reward/std",
+    "reward/var_within_position",
+    "advantage/mean",
+    "advantage/frac_positive",
+    "loss/total",
+    "loss/policy",
+    "loss/nll_base",
+    "loss/nll_talk",
+    "mixing/weight_mean",
+    "thought/logprob_gap",
+    "optim/grad_norm",
+    "optim/lr",
+    "time/rollout",
+    "time/learn",
+    "time/weight_sync",
+    "time/step",
+    "perf/tokens_per_s",
+    "perf/thought_tokens_per_s",
+]
+DETERMINISTIC = [k for k in METRIC_KEYS if not k.startswith(("time/", "perf/"))]
+
+
+def env(**extra: str) -> dict[str, str]:
+    dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "WANDB_MODE", "WANDB_API_KEY")
+    base = {k: v for k, v in os.environ.items() if k not in dropped}
+    return {**base, "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu", **extra}
+
+
+def train(run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True, **extra_env: str):
+    args = ["--config", str(TINY), f"train.run_dir={run_dir}", *overrides]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "qstar_rl.train", *args]
+    else:
+        launcher = Path(sys.executable).parent / "deepspeed"
+        cmd = [
+            str(launcher),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "qstar_rl.train",
+            *args,
+        ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    train(run_dir, "train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1")
+    return run_dir
+
+
+def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
+    rows = metrics(tiny_run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        missing = [k for k in METRIC_KEYS if k not in row]
+        assert not missing, missing
+        assert math.isfinite(row["loss/total"]) and row["optim/grad_norm"] > 0
+        assert abs(row["thought/logprob_gap"]) < 1e-4  # rollout and learner agree on the same weights
+    assert "ZeRO-3: rank 0 holds" in (tiny_run / "train.log").read_text()
+    run_files = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1, "wandb ran offline inside the run directory"
+    logged = [r for r in history(run_files[0]) if "reward/mean" in r]
+    assert [r["_step"] for r in logged] == [1, 2, 3]
+    for r in logged:
+        assert math.isfinite(r["reward/mean"]) and math.isfinite(r["reward/var_within_position"])
+    assert list(tiny_run.glob("wandb/offline-run-*/files/media/table/thoughts_*.table.json"))
+    thoughts = [json.loads(line) for line in (tiny_run / "thoughts.jsonl").read_text().splitlines()]
+    assert thoughts and all(t["thought"] and t["context"] for t in thoughts)
+
+
+def test_two_zero3_ranks_match_one_rank(tmp_path):
+    overrides = ["train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4"]
+    one = tmp_path / "one"
+    train(one, *overrides)  # 1 rank, 2 accumulation micro-batches
+    two = tmp_path / "two"
+    proc = train(two, *overrides, ranks=2)  # 2 ranks, 1 micro-batch each
+    assert "ZeRO-3: rank 0 holds" in (two / "train.log").read_text()
+    held = next(line for line in (two / "train.log").read_text().splitlines() if "holds" in line)
+    assert "(50.0%)" in held or "(49." in held or "(50." in held, held  # parameters really partitioned
+    assert proc.returncode == 0
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 3
+    for row_a, row_b in zip(a, b, strict=True):
+        for key in ("loss/total", "loss/policy", "loss/nll_base", "loss/nll_talk", "reward/mean", "optim/grad_norm"):
+            assert row_a[key] == pytest.approx(row_b[key], abs=1e-4, rel=1e-4), (row_a["step"], key)
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    train(straight, "train.checkpoint_every=2")
+    resumed = tmp_path / "resumed"
+    killed = train(resumed, "train.checkpoint_every=2", check=False, QSTAR_RL_KILL_AT="saved_2")
+    assert killed.returncode == -signal.SIGKILL
+    assert [r["step"] for r in metrics(resumed)] == [1, 2]
+    train(resumed, "train.checkpoint_every=2")
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b, strict=True):
+        assert {k: row_a[k] for k in DETERMINISTIC} == {k: row_b[k] for k in DETERMINISTIC}, row_a["step"]
+    assert "resumed from" in (resumed / "train.log").read_text()
+
+
+def test_a_kill_while_checkpointing_leaves_the_previous_one_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    killed = train(run_dir, "train.checkpoint_every=2", check=False, QSTAR_RL_KILL_AT="checkpoint_midway_4")
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_000002"
+    assert (checkpoints / "step_000004").is_dir()  # half written, never marked latest
+    state = checkpoint_state_dict(checkpoints / "step_000002")  # loadable without any process group
+    assert "start_embedding" in state and torch.isfinite(state["start_embedding"]).all()
+    train(run_dir, "train.checkpoint_every=2")  # resumes from step 2 and rewrites step 4
+    assert (checkpoints / "latest").read_text() == "step_000004"
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_bad_config_lists_every_problem_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qstar_rl.cli",
+            "train",
+            "--config",
+            str(TINY),
+            f"train.run_dir={tmp_path}",
+            "thought.num_thoughts=1",
+            "train.global_batch_size=3",
+            "bogus.key=1",
+            "optim.lr=fast",
+            "deepspeed.config=missing.json",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    for key in ("thought.num_thoughts", "train.global_batch_size", "bogus", "optim.lr", "deepspeed.config"):
+        assert key in proc.stderr, key
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_corpus_with_bad_documents_trains_and_counts_them(tmp_path):
+    good = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. "
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": good}).encode() for _ in range(2)]  # ~1 window an epoch: every record is read
+    lines += [
+        json.dumps({"text": ""}).encode(),
+        b'{"text": "\xff\xfe\xfd binary"}',
+        json.dumps({"text": "Hi"}).encode(),
+        json.dumps({"title": "no text field"}).encode(),
+    ]
+    corpus.write_bytes(b"\n".join(lines))
+    run_dir = tmp_path / "run"
+    train(run_dir, f"data.source={corpus}", "train.steps=2")
+    last = metrics(run_dir)[-1]
+    assert math.isfinite(last["loss/total"])
+    assert last["data/skipped_empty"] >= 1 and last["data/skipped_undecodable"] >= 1
+    assert last["data/skipped_too_short"] >= 1 and last["data/skipped_missing_field"] >= 1
+
+
+def test_export_then_reload_gives_the_same_scores(tiny_run, tmp_path):
+    out = tmp_path / "exported"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qstar_rl.cli", "export", "--checkpoint", str(tiny_run), "--out", str(out)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = ThinkingLM.from_pretrained(out)
+    lm, tokenizer = load_lm("tiny-llama")
+    from_checkpoint = ThinkingLM(lm, ThoughtConfig(2, 3, 2), tokenizer=tokenizer)
+    from_checkpoint.load_state_dict(checkpoint_state_dict(tiny_run / "checkpoints" / "step_000003"))
+    fresh = ThinkingLM(load_lm("tiny-llama")[0], ThoughtConfig(2, 3, 2), tokenizer=tokenizer)
+    assert not torch.equal(reloaded.start_embedding, fresh.start_embedding), "trained meta tokens survive"
+    assert torch.equal(reloaded.start_embedding, from_checkpoint.start_embedding)
+    ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    thoughts, _ = reloaded.sample_thoughts(ids, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = reloaded.score(ids, thoughts), from_checkpoint.score(ids, thoughts)
+    for field in ("thought_logprobs", "talk_logprobs", "mixing_weight", "base_logprobs"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-6, rtol=0)
