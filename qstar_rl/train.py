@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,6 +58,8 @@ def load_and_validate(config_path: str | None, overrides: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed ZeRO-3 calls a torch collective that torch marks deprecated, once per step; nothing to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args = parse_args(argv)
     try:
         config = load_and_validate(args.config, args.overrides)

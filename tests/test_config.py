@@ -105,3 +105,13 @@ def test_every_field_has_a_docstring():
                 walk(f.type)
 
     walk(Config)
+
+
+@pytest.mark.parametrize(
+    "name,world_size", [("default", 1), ("tiny", 1), ("mistral7b_openwebmath", 8), ("mistral7b_openwebmath", 1)]
+)
+def test_shipped_configs_are_valid(name, world_size):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "qstar_rl" / "configs" / f"{name}.yaml"
+    assert validate(load_config(path), world_size) == []
