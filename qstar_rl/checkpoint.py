@@ -59,11 +59,18 @@ def restore_rngs(state: RunState) -> None:
     random.setstate(state.python_rng)
 
 
-def _fault(point: str) -> None:
+def fault(point: str, once_marker: Path | None = None) -> None:
     """Fault injection for tests: QSTAR_RL_KILL_AT=<point> makes this process kill itself (SIGKILL) there.
-    Points: checkpoint_midway_<step> (engine state written, run state and marker not), saved_<step>."""
-    if os.environ.get("QSTAR_RL_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+    Points: checkpoint_midway_<step> (engine state written, run state and marker not), saved_<step>,
+    rollout_<step> (a Ray rollout actor about to sample that step). With `once_marker`, only the first
+    process to get there dies (the marker file remembers), so that a restarted run can go on."""
+    if os.environ.get("QSTAR_RL_KILL_AT") != point:
+        return
+    if once_marker is not None:
+        if once_marker.exists():
+            return
+        once_marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, keep: int) -> Path:
@@ -87,7 +94,7 @@ def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, k
         )
     else:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    _fault(f"checkpoint_midway_{state.step}")
+    fault(f"checkpoint_midway_{state.step}")
     torch.save(asdict_shallow(state), folder / f"run_state_rank{rank}.pt")
     if rank == 0:
         (folder / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
@@ -98,7 +105,7 @@ def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, k
         os.replace(tmp, root / LATEST)  # the commit point
         _prune(root, keep)
     barrier()
-    _fault(f"saved_{state.step}")
+    fault(f"saved_{state.step}")
     return folder
 
 
@@ -135,6 +142,11 @@ def load(engine, folder: Path, rank: int) -> RunState:
         engine.global_steps = blob["global_steps"]
     else:
         engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    return load_run_state(folder, rank)
+
+
+def load_run_state(folder: Path, rank: int = 0) -> RunState:
+    """A rank's run state from checkpoint `folder`, without touching any engine."""
     raw = torch.load(folder / f"run_state_rank{rank}.pt", weights_only=False)
     raw["data"], raw["data_stats"] = DataPosition(**raw["data"]), DataStats(**raw["data_stats"])
     return RunState(**raw)

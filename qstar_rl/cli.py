@@ -1,9 +1,10 @@
-"""The `qstar-rl` command: qstar-rl {train,export} ... (each also runs as `python -m qstar_rl.<name>`)."""
+"""The `qstar-rl` command: qstar-rl {train,ray-train,export} ... (each also runs as `python -m qstar_rl.<name>`)."""
 
 import sys
 
 COMMANDS = {
     "train": ("qstar_rl.train", "train with Quiet-STaR under DeepSpeed ZeRO-3"),
+    "ray-train": ("qstar_rl.ray_train", "the same training on a Ray cluster: rollout and learner actors"),
     "export": ("qstar_rl.export", "checkpoint -> plain HF folder + meta tokens + mixing head"),
 }
 
@@ -11,7 +12,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:8} {help_}" for name, (_, help_) in COMMANDS.items())
+        lines = "\n".join(f"  {name:10} {help_}" for name, (_, help_) in COMMANDS.items())
         print(f"usage: qstar-rl COMMAND [options]\n\ncommands:\n{lines}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib

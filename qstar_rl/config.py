@@ -143,6 +143,40 @@ class WandbConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Ray placement for `qstar-rl ray-train` (the deepspeed launcher path ignores it)."""
+
+    address: str = ""
+    """Ray cluster to join ('auto', 'host:port', 'ray://...'); empty: $RAY_ADDRESS when set (as under
+    `ray job submit`), else a private local cluster on this machine."""
+    learners: int = 1
+    """Learner actors, one DeepSpeed ZeRO-3 rank each (the data-parallel world size)."""
+    rollout_workers: int = 1
+    """Rollout actors holding full inference weights; each samples its share of every batch."""
+    colocate: bool = False
+    """Sample on the learner actors themselves (no rollout actors, no weight sync): for small clusters."""
+    gpus_per_learner: float = 1.0
+    """GPUs per learner actor (0 on CPU-only clusters)."""
+    cpus_per_learner: float = 1.0
+    """CPUs per learner actor (Ray sets OMP_NUM_THREADS from it)."""
+    gpus_per_rollout: float = 1.0
+    """GPUs per rollout actor (0 on CPU-only clusters)."""
+    cpus_per_rollout: float = 1.0
+    """CPUs per rollout actor."""
+    async_rollout: bool = False
+    """Sample step k+1 while step k learns: thoughts are at most one policy version stale (policy/staleness)."""
+    weight_sync_chunk_mb: int = 256
+    """Weights travel from learner rank 0 to the rollout actors in chunks of about this many MiB."""
+    step_timeout_s: float = 1800.0
+    """Longest wait for any one rollout, learn or weight-sync call before the run is stopped."""
+    startup_timeout_s: float = 900.0
+    """Longest wait for placement and actor start-up (model load, DeepSpeed init, checkpoint load)."""
+    max_restarts: int = 0
+    """When an actor dies or times out: restart every actor from the last checkpoint up to this many times
+    (0: stop with an error naming the actor)."""
+
+
+@dataclass
 class Config:
     """Everything a run needs; loaded from YAML plus dotted command-line overrides."""
 
@@ -162,6 +196,8 @@ class Config:
     """The DeepSpeed engine."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Experiment tracking."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray actors and placement (`qstar-rl ray-train` only)."""
 
 
 class ConfigError(ValueError):
@@ -328,17 +364,37 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     _choice(p, "optim.schedule", o.schedule, ("constant", "linear", "cosine"))
     _positive(p, "train.steps", tr.steps)
     _positive(p, "train.micro_batch_size", tr.micro_batch_size)
+    _positive(p, "train.global_batch_size", tr.global_batch_size)
     _positive(p, "train.checkpoint_every", tr.checkpoint_every)
     _positive(p, "train.keep_checkpoints", tr.keep_checkpoints)
     _positive(p, "train.thought_table_every", tr.thought_table_every, 0)
-    batch_ok = tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * world_size) == 0
-    if tr.micro_batch_size >= 1 and not batch_ok:
+    sizes_ok = tr.micro_batch_size >= 1 and tr.global_batch_size >= 1 and world_size >= 1  # else reported above
+    batch_ok = sizes_ok and tr.global_batch_size % (tr.micro_batch_size * world_size) == 0
+    if sizes_ok and not batch_ok:
         p.append(
             f"train.global_batch_size: {tr.global_batch_size} is not a multiple of train.micro_batch_size "
             f"({tr.micro_batch_size}) x world size ({world_size})"
         )
     _choice(p, "wandb.mode", config.wandb.mode, ("auto", "online", "offline", "disabled"))
     p.extend(_deepspeed_json_problems(config, world_size, batch_ok))
+    return p
+
+
+def validate_cluster(config: Config) -> list[str]:
+    """Problems of the cluster section, for `qstar-rl ray-train` (validate() covers the rest)."""
+    p: list[str] = []
+    c = config.cluster
+    _positive(p, "cluster.learners", c.learners)
+    if not c.colocate:
+        _positive(p, "cluster.rollout_workers", c.rollout_workers)
+    for key in ("gpus_per_learner", "gpus_per_rollout"):
+        _positive(p, f"cluster.{key}", getattr(c, key), 0)
+    for key in ("cpus_per_learner", "cpus_per_rollout", "step_timeout_s", "startup_timeout_s"):
+        _positive(p, f"cluster.{key}", getattr(c, key), 0, strict=True)
+    _positive(p, "cluster.weight_sync_chunk_mb", c.weight_sync_chunk_mb)
+    _positive(p, "cluster.max_restarts", c.max_restarts, 0)
+    if c.async_rollout and c.colocate:
+        p.append("cluster.async_rollout: needs rollout actors; it cannot be combined with cluster.colocate")
     return p
 
 

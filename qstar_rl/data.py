@@ -208,22 +208,28 @@ class WindowStream:
         return (window for _, window in self.windows_with_ids())
 
     def windows_with_ids(self) -> Iterator[tuple[int, list[int]]]:
-        """(window id, tokens): the id (epoch * 2**32 + index in the epoch) names a window globally."""
+        """(window id, tokens) of this rank: the id (epoch * 2**32 + index in the epoch) names a window
+        globally."""
+        return (round_[self.rank] for round_ in self.rounds())
+
+    def rounds(self) -> Iterator[list[tuple[int, list[int]]]]:
+        """Rounds of consecutive windows, (window id, tokens) for each of the world_size ranks, from the
+        saved position on, forever (epoch after epoch)."""
         while True:
             produced = 0
             skip = self.position.windows  # already consumed before a resume
             saved_stats = copy.copy(self.stats)
-            round_: list[list[int]] = []  # one window per rank; a trailing incomplete round is dropped
+            round_: list[tuple[int, list[int]]] = []  # a trailing incomplete round is dropped
             for index, window in enumerate(self._epoch_windows(self.position.epoch)):
                 produced += 1
                 if index < skip:
                     if index == skip - 1:  # re-reading recounted these documents: keep the saved counts
                         self.stats = saved_stats
                     continue
-                round_.append(window)
+                round_.append((self.position.epoch * 2**32 + index, window))
                 if len(round_) == self.world_size:
                     self.position.windows = index + 1  # handed out = consumed
-                    yield self.position.epoch * 2**32 + index - self.world_size + 1 + self.rank, round_[self.rank]
+                    yield round_
                     round_ = []
             if produced < self.world_size:
                 raise ValueError(
@@ -233,9 +239,25 @@ class WindowStream:
             self.position = DataPosition(epoch=self.position.epoch + 1, windows=0)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches: input_ids and attention_mask (B, T), and window_ids (B,) naming each window."""
+        """This rank's micro-batches: input_ids and attention_mask (B, T), and window_ids (B,)."""
         windows = self.windows_with_ids()
         while True:
-            window_ids, rows = zip(*(next(windows) for _ in range(batch_size)), strict=True)
-            ids = torch.tensor(rows, dtype=torch.long)  # (B, T)
-            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "window_ids": torch.tensor(window_ids)}
+            yield _batch([next(windows) for _ in range(batch_size)])
+
+    def step_batches(self, batch_size: int, accumulation: int) -> Iterator[list[list[dict[str, torch.Tensor]]]]:
+        """Every rank's micro-batches of each optimizer step, indexed [rank][micro]: exactly what each
+        rank's own `batches` would yield. A single controller (the Ray driver) reads the data this way."""
+        rounds = self.rounds()
+        while True:
+            per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(self.world_size)]
+            for _ in range(accumulation):
+                group = [next(rounds) for _ in range(batch_size)]
+                for rank, micro_batches in enumerate(per_rank):
+                    micro_batches.append(_batch([round_[rank] for round_ in group]))
+            yield per_rank
+
+
+def _batch(windows: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
+    window_ids, rows = zip(*windows, strict=True)
+    ids = torch.tensor(rows, dtype=torch.long)  # (B, T)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "window_ids": torch.tensor(window_ids)}

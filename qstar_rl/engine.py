@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from qstar_rl.config import Config, deepspeed_batch_settings
-from qstar_rl.model import ThinkingLM
+from qstar_rl.model import ThinkingLM, load_lm
 
 if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -96,16 +96,17 @@ def lr_multiplier(config: Config) -> Callable[[int], float]:
     return factor
 
 
-def deepspeed_config(config: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON with batch sizes, clipping and precision filled from the config (one place)."""
-    ds = json.loads(Path(config.deepspeed.config).read_text())
+def deepspeed_config(config: Config, world_size: int, ds_json: dict | None = None) -> dict:
+    """The DeepSpeed JSON (read from deepspeed.config unless given) with batch sizes, clipping and
+    precision filled from the config (the one place they are decided)."""
+    ds = dict(ds_json) if ds_json is not None else json.loads(Path(config.deepspeed.config).read_text())
     ds.update(deepspeed_batch_settings(config, world_size))
     ds["bf16"] = {"enabled": config.model.dtype == "bfloat16"}
     ds.pop("fp16", None)
     return ds
 
 
-def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int):
+def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None):
     """(engine, full_weights) where full_weights() gathers every ZeRO-3 partition for rollout."""
     import deepspeed
 
@@ -114,7 +115,7 @@ def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size, ds_json)
     )
     params = list(model.parameters())
 
@@ -123,6 +124,23 @@ def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     return engine, full_weights
+
+
+def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None):
+    """(model, tokenizer, engine, full_weights): the configured LM wrapped in ThinkingLM under ZeRO-3."""
+    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
+    if config.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
+    engine, full_weights = make_deepspeed_engine(model, config, world_size, ds_json)
+    return model, tokenizer, engine, full_weights
+
+
+def partition_report(model: ThinkingLM, rank: int) -> str:
+    """How much of the model this rank holds: the evidence that ZeRO-3 really partitions."""
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return f"ZeRO-3: rank {rank} holds {held} of {total} parameters ({100 * held / total:.1f}%)"
 
 
 class PlainEngine:

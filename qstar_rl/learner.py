@@ -43,8 +43,8 @@ def train_step(
     world_size: int,
     full_weights: Callable[[], AbstractContextManager] | None = None,
 ) -> StepResult:
-    """Rollout, then score with gradients, losses, backward and one optimizer step over the micro-batches
-    (gradient accumulation) of this rank."""
+    """The colocated step (the `deepspeed` launcher, or Ray with cluster.colocate): this rank samples the
+    thoughts of its own micro-batches, then learns from them."""
     start = time.perf_counter()
     gather_seconds = 0.0
     thoughts: list[ThoughtBatch] = []
@@ -53,13 +53,30 @@ def train_step(
         thoughts.append(rollout(model, batch, config.train.seed, policy_version, gather))
         gather_seconds += gather.seconds
     rollout_seconds = time.perf_counter() - start
+    result = learn_step(engine, thoughts, config, policy_version, all_reduce_sum, world_size)
+    seconds = time.perf_counter() - start
+    result.metrics.update(step_timings(rollout_seconds, result.metrics["time/learn"], gather_seconds, seconds))
+    result.metrics.update(throughput(result.metrics, seconds))
+    return result
 
+
+def learn_step(
+    engine,
+    thoughts: list[ThoughtBatch],
+    config: Config,
+    policy_version: int,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    world_size: int,
+) -> StepResult:
+    """Score with gradients, losses, backward and one optimizer step over this rank's micro-batches
+    (gradient accumulation), whoever sampled the thoughts. `policy_version` is the optimizer steps taken
+    by the weights about to be updated; thoughts sampled by older weights are stale by the difference."""
     # Every loss is a sum over this rank's tokens divided by the global count of valid positions, times
     # world * accumulation to undo DeepSpeed's mean over ranks and micro-batches: the gradient is then
     # the gradient of the mean over the global batch, whatever the split.
     local_valid = sum(valid_positions(t.attention_mask, config.thought.talk_length).sum() for t in thoughts)
     num_valid = all_reduce_sum(torch.as_tensor(local_valid, dtype=torch.float64)).clamp(min=1)
-    undo_mean = world_size * len(micro_batches)
+    undo_mean = world_size * len(thoughts)
     losses = torch.zeros(4, dtype=torch.float64)  # total, policy, nll_base, nll_talk
     sums = None
     samples: list[dict] = []
@@ -90,9 +107,8 @@ def train_step(
     grad_norm = float(engine.get_global_grad_norm() or 0.0)
     skipped = not math.isfinite(grad_norm)
     losses = all_reduce_sum(losses)
-    seconds = time.perf_counter() - start
-    text_tokens = all_reduce_sum(torch.tensor(float(sum(t.input_ids.numel() for t in thoughts)))).item()
-    thought_tokens = all_reduce_sum(torch.tensor(float(sum(t.thought_ids.numel() for t in thoughts)))).item()
+    counts = torch.tensor([sum(t.input_ids.numel() for t in thoughts), sum(t.thought_ids.numel() for t in thoughts)])
+    text_tokens, thought_tokens = all_reduce_sum(counts.double()).tolist()
     metrics = {
         **statistics_from_sums(all_reduce_sum(sums)),
         "loss/total": losses[0].item(),
@@ -101,14 +117,27 @@ def train_step(
         "loss/nll_talk": losses[3].item(),
         "optim/grad_norm": grad_norm,
         "optim/lr": lr,
-        "time/rollout": rollout_seconds,
         "time/learn": learn_seconds,
-        "time/weight_sync": gather_seconds,
-        "time/step": seconds,
-        "perf/tokens_per_s": text_tokens / seconds,
-        "perf/thought_tokens_per_s": thought_tokens / seconds,
+        # This rank's thoughts; every rollout actor loads each version in the same order, so ranks agree.
+        "policy/version": min(t.policy_version for t in thoughts),
+        "policy/staleness": policy_version - min(t.policy_version for t in thoughts),
+        "tokens/text": text_tokens,
+        "tokens/thought": thought_tokens,
     }
     return StepResult(metrics, skipped, samples)
+
+
+def step_timings(rollout: float, learn: float, weight_sync: float, step: float) -> dict[str, float]:
+    """The time/* metrics of one step, in seconds."""
+    return {"time/rollout": rollout, "time/learn": learn, "time/weight_sync": weight_sync, "time/step": step}
+
+
+def throughput(metrics: dict[str, float], step_seconds: float) -> dict[str, float]:
+    """perf/* from the step's global token counts (tokens/text, tokens/thought) and its wall time."""
+    return {
+        "perf/tokens_per_s": metrics["tokens/text"] / step_seconds,
+        "perf/thought_tokens_per_s": metrics["tokens/thought"] / step_seconds,
+    }
 
 
 class _Timed(AbstractContextManager):

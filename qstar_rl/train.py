@@ -23,11 +23,10 @@ import yaml
 
 from qstar_rl import checkpoint
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
-from qstar_rl.data import WindowStream
-from qstar_rl.engine import all_reduce_sum, init_distributed, make_deepspeed_engine
-from qstar_rl.learner import train_step
+from qstar_rl.data import DataStats, WindowStream
+from qstar_rl.engine import all_reduce_sum, build_thinking_engine, init_distributed, partition_report
+from qstar_rl.learner import StepResult, train_step
 from qstar_rl.metrics import MetricsLogger
-from qstar_rl.model import ThinkingLM, load_lm
 
 log = logging.getLogger("qstar_rl")
 
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _setup_logging(run_dir: Path, rank: int) -> None:
+def setup_logging(run_dir: Path, rank: int) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
@@ -87,7 +86,7 @@ def train(config: Config, resume: bool = True) -> Path:
     rank, world, local_rank = init_distributed()
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir, rank)
+    setup_logging(run_dir, rank)
     config_dict = config_to_dict(config)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
@@ -95,14 +94,8 @@ def train(config: Config, resume: bool = True) -> Path:
     random.seed(config.train.seed)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
-    if config.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
-    engine, full_weights = make_deepspeed_engine(model, config, world)
-    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    log.info("ZeRO-3: rank %d holds %d of %d parameters (%.1f%%)", rank, held, total, 100 * held / total)
+    model, tokenizer, engine, full_weights = build_thinking_engine(config, world)
+    log.info(partition_report(model, rank))
     accumulation = config.train.global_batch_size // (config.train.micro_batch_size * world)
     stream = WindowStream(config.data, tokenizer, seed=config.train.seed, rank=rank, world_size=world)
 
@@ -132,21 +125,7 @@ def train(config: Config, resume: bool = True) -> Path:
         micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accumulation)]
         result = train_step(engine, model, micro_batches, config, state.step, all_reduce_sum, world, full_weights)
         state.step += 1
-        state.skipped_steps += result.skipped
-        if result.skipped:
-            log.warning("step %d: non-finite gradient, step skipped (weights untouched)", state.step)
-        logger.log_step(
-            state.step,
-            {
-                **result.metrics,
-                "optim/skipped_steps": state.skipped_steps,
-                "policy/version": state.step - 1,
-                **stream.stats.as_metrics(),
-            },
-        )
-        every = config.train.thought_table_every
-        if every and state.step % every == 0:
-            logger.log_thoughts(state.step, thought_rows(result.samples, tokenizer))
+        log_step(logger, config, tokenizer, state, result, stream.stats)
         if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
             checkpoint.capture_rngs(state)
             state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)
@@ -154,6 +133,26 @@ def train(config: Config, resume: bool = True) -> Path:
     logger.close()
     log.info("done: %s", run_dir)
     return run_dir
+
+
+def log_step(
+    logger: MetricsLogger,
+    config: Config,
+    tokenizer,
+    state: checkpoint.RunState,
+    result: StepResult,
+    data_stats: DataStats,
+    extra: dict[str, float] | None = None,
+) -> None:
+    """Count a skipped step, log the step's metrics (plus `extra`) and, every N steps, the thought table."""
+    state.skipped_steps += result.skipped
+    if result.skipped:
+        log.warning("step %d: non-finite gradient, step skipped (weights untouched)", state.step)
+    metrics = {**result.metrics, "optim/skipped_steps": state.skipped_steps, **data_stats.as_metrics()}
+    logger.log_step(state.step, {**metrics, **(extra or {})})
+    every = config.train.thought_table_every
+    if every and state.step % every == 0:
+        logger.log_thoughts(state.step, thought_rows(result.samples, tokenizer))
 
 
 def thought_rows(samples: list[dict], tokenizer) -> list[dict]:

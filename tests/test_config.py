@@ -3,10 +3,11 @@
 import itertools
 import json
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 
 import pytest
 
-from qstar_rl.config import Config, ConfigError, deepspeed_batch_settings, load_config, validate
+from qstar_rl.config import Config, ConfigError, config_to_dict, deepspeed_batch_settings, load_config, validate
 
 
 def test_defaults_are_valid_and_overrides_are_typed():
@@ -105,6 +106,17 @@ def test_every_field_has_a_docstring():
                 walk(f.type)
 
     walk(Config)
+
+
+def test_the_readme_config_reference_lists_every_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+
+    def leaves(tree: dict, prefix: str = ""):
+        for key, value in tree.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+    missing = [key for key in leaves(config_to_dict(Config())) if f"| `{key}` |" not in readme]
+    assert not missing, f"README's config reference lacks {missing}"
 
 
 @pytest.mark.parametrize(
