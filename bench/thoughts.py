@@ -163,6 +163,19 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
         print(" | ".join(cells))
 
 
+def write_results(path: str, **sections) -> None:
+    """Write a benchmark's results as JSON, with the machine they were measured on."""
+    machine = {
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"machine": machine, **sections}, indent=2))
+    print(f"\nwrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -236,21 +249,7 @@ def main() -> None:
         ["attention", "chunk", "T", "M", "token_ratio", "memory_ratio", "memory_vs_tokens", "time_ratio"],
     )
 
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_threads": threads,
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-        "quick": args.quick,
-        "sampling": sampling,
-        "scoring": scoring,
-        "growth": growth,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, quick=args.quick, sampling=sampling, scoring=scoring, growth=growth)
 
 
 if __name__ == "__main__":
