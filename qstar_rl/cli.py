@@ -1,4 +1,5 @@
-"""The `qstar-rl` command: qstar-rl {train,ray-train,export} ... (each also runs as `python -m qstar_rl.<name>`)."""
+"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate} ... (each also runs as
+`python -m qstar_rl.<name>`)."""
 
 import sys
 
@@ -6,6 +7,7 @@ COMMANDS = {
     "train": ("qstar_rl.train", "train with Quiet-STaR under DeepSpeed ZeRO-3"),
     "ray-train": ("qstar_rl.ray_train", "the same training on a Ray cluster: rollout and learner actors"),
     "export": ("qstar_rl.export", "checkpoint -> plain HF folder + meta tokens + mixing head"),
+    "generate": ("qstar_rl.generate", "generate text, thinking a thought before every token"),
 }
 
 
