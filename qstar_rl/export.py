@@ -28,7 +28,8 @@ def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
 
 
-def export(checkpoint: Path, out: Path) -> Path:
+def load_checkpoint(checkpoint: Path) -> tuple[ThinkingLM, object]:
+    """ThinkingLM and tokenizer from a checkpoint folder, or from a run directory's latest checkpoint."""
     folder = checkpoint if (checkpoint / "config.yaml").is_file() and checkpoint.name.startswith("step_") else None
     if folder is None:
         folder = latest_checkpoint(checkpoint)
@@ -38,6 +39,11 @@ def export(checkpoint: Path, out: Path) -> Path:
     lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
     model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
     model.load_state_dict(checkpoint_state_dict(folder))
+    return model, tokenizer
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    model, tokenizer = load_checkpoint(checkpoint)
     model.save_pretrained(out, tokenizer)
     return out
 

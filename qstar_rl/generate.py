@@ -8,11 +8,12 @@ These are the positions and attention of training's branch `<sot> c_1..c_M <eot>
 model learnt to use is what it gets here. Costs M + 2 forwards of one token per output token (plain
 generation: 1).
 
-    qstar-rl generate --model exported/ --prompt "Tom has 3 apples" --show-thoughts
+    qstar-rl generate --checkpoint runs/default --prompt "Tom has 3 apples" --show-thoughts   # or exported/
     qstar-rl generate --prompt "Tom has 3 apples" --time        # SmolLM2-135M, untrained thinking parts
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -110,15 +111,20 @@ def generate(
 # ---- `qstar-rl generate` ----------------------------------------------------------------------------
 
 
-def load_for_generation(name_or_folder: str, thought_length: int) -> tuple[ThinkingLM, object]:
-    """An exported folder (`qstar-rl export`: trained meta tokens and mixing head) or any model name that
-    `load_lm` takes (an untrained ThinkingLM: w = 0, so it talks exactly like the base model)."""
+def load_for_generation(source: str, thought_length: int) -> tuple[ThinkingLM, object]:
+    """ThinkingLM and tokenizer from an exported folder (`qstar-rl export`), a training run directory or
+    checkpoint folder, or any model name that `load_lm` takes (an untrained ThinkingLM: w = 0, so it talks
+    exactly like the base model, with M = thought_length)."""
     from qstar_rl.config import ThoughtConfig
+    from qstar_rl.export import load_checkpoint
     from qstar_rl.model import THINKING_CONFIG, load_lm, load_tokenizer
 
-    if (Path(name_or_folder) / THINKING_CONFIG).is_file():
-        return ThinkingLM.from_pretrained(name_or_folder), load_tokenizer(name_or_folder)
-    lm, tokenizer = load_lm(name_or_folder)
+    path = Path(source)
+    if (path / THINKING_CONFIG).is_file():
+        return ThinkingLM.from_pretrained(path), load_tokenizer(source)
+    if path.is_dir():
+        return load_checkpoint(path)
+    lm, tokenizer = load_lm(source)
     return ThinkingLM(lm, ThoughtConfig(length=thought_length), tokenizer=tokenizer), tokenizer
 
 
@@ -132,7 +138,12 @@ def seconds_per_token(model: ThinkingLM, input_ids: torch.Tensor, tokens: int, t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qstar-rl generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="exported folder or model name")
+    parser.add_argument(
+        "--checkpoint",
+        "--model",
+        default="smollm2-135m",
+        help="exported folder, run directory, checkpoint folder, or a model name (untrained thinking parts)",
+    )
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-think", action="store_true", help="plain generation, for comparison")
@@ -144,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time", action="store_true", help="also report seconds per token vs plain generation")
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_for_generation(args.model, args.thought_length)
+    with contextlib.redirect_stdout(sys.stderr):  # loaders' chatter (DeepSpeed's zero_to_fp32): stdout is the text
+        model, tokenizer = load_for_generation(args.checkpoint, args.thought_length)
     model.eval()
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids  # (1, P)
     out = generate(

@@ -80,8 +80,8 @@ def test_the_generate_command_shows_thoughts_and_reports_the_cost(capsys):
     from qstar_rl.cli import main
 
     prompt = "Tom has 3 apples and"
-    assert main(["generate", "--model", "tiny-llama", "--prompt", prompt, "--max-new-tokens", "3", "--show-thoughts",
-                 "--thought-length", "4", "--time"]) == 0  # fmt: skip
+    args = ["generate", "--checkpoint", "tiny-llama", "--prompt", prompt, "--max-new-tokens", "3"]
+    assert main([*args, "--show-thoughts", "--thought-length", "4", "--time"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(prompt) and out.count("<|") == 3 and out.count("|w=0.00|>") == 3  # untrained: w = 0
     assert "seconds per output token: thinking" in err and "(M=4)" in err

@@ -221,3 +221,11 @@ def test_export_then_reload_gives_the_same_scores(tiny_run, tmp_path):
         a, b = reloaded.score(ids, thoughts), from_checkpoint.score(ids, thoughts)
     for field in ("thought_logprobs", "talk_logprobs", "mixing_weight", "base_logprobs"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-6, rtol=0)
+    # `qstar-rl generate` takes the run directory or the exported folder and thinks the same thoughts.
+    texts = []
+    for source in (tiny_run, out):
+        cmd = [sys.executable, "-m", "qstar_rl.cli", "generate", "--checkpoint", str(source), "--prompt", "To be"]
+        proc = subprocess.run([*cmd, "--show-thoughts"], cwd=ROOT, env=env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        texts.append(proc.stdout)
+    assert texts[0] == texts[1] and texts[0].startswith("To be<|")
