@@ -1,4 +1,4 @@
-"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate} ... (each also runs as
+"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate,eval} ... (each also runs as
 `python -m qstar_rl.<name>`)."""
 
 import sys
@@ -8,6 +8,7 @@ COMMANDS = {
     "ray-train": ("qstar_rl.ray_train", "the same training on a Ray cluster: rollout and learner actors"),
     "export": ("qstar_rl.export", "checkpoint -> plain HF folder + meta tokens + mixing head"),
     "generate": ("qstar_rl.generate", "generate text, thinking a thought before every token"),
+    "eval": ("qstar_rl.eval", "zero-shot answer probability and exact match, with and without thinking"),
 }
 
 

@@ -123,6 +123,29 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot evaluation during training (see `qstar-rl eval`), logged as eval/<task>/<metric>."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Tasks: gsm8k, commonsenseqa (from the hub or `files`), or reasoning-gym generators (gsm_symbolic, ...)."""
+    every_steps: int = 0
+    """Evaluate every N optimizer steps and after the last one (0: never)."""
+    limit: int = 50
+    """Items per task (the first N; reasoning-gym: N generated from `seed`)."""
+    seed: int = 0
+    """Seed of reasoning-gym's generators: the same items at every evaluation."""
+    batch_size: int = 8
+    """Items per forward (every rank evaluates every item, under ZeRO-3's lockstep forwards)."""
+    generation: bool = True
+    """Also generate answers for exact match (max_new_tokens * (M + 2) forwards per item, on top of the
+    answer probability)."""
+    max_new_tokens: int = 12
+    """Generated tokens per item for exact match."""
+    files: list[str] = field(default_factory=list)
+    """Local files for hub tasks, as task=path (gsm8k=/data/gsm8k_test.jsonl), for clusters without the hub."""
+
+
+@dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine."""
 
@@ -198,6 +221,8 @@ class Config:
     """Experiment tracking."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray actors and placement (`qstar-rl ray-train` only)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic zero-shot evaluation during training."""
 
 
 class ConfigError(ValueError):
@@ -234,6 +259,10 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
             pass
     if annotation in (int, str, bool, float) and type(value) is annotation:
         return value
+    if typing.get_origin(annotation) is list:  # a YAML list, or a comma-separated string on the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return items
     problems.append(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
     return _BAD
 
@@ -376,7 +405,30 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
             f"({tr.micro_batch_size}) x world size ({world_size})"
         )
     _choice(p, "wandb.mode", config.wandb.mode, ("auto", "online", "offline", "disabled"))
+    p.extend(_eval_problems(config.eval))
     p.extend(_deepspeed_json_problems(config, world_size, batch_ok))
+    return p
+
+
+def _eval_problems(e: EvalConfig) -> list[str]:
+    p: list[str] = []
+    _positive(p, "eval.every_steps", e.every_steps, 0)
+    _positive(p, "eval.limit", e.limit)
+    _positive(p, "eval.batch_size", e.batch_size)
+    _positive(p, "eval.max_new_tokens", e.max_new_tokens)
+    if e.every_steps and not e.tasks:
+        p.append("eval.tasks: eval.every_steps is set but no task is named")
+    if e.tasks:
+        from qstar_rl.eval import known_tasks  # imports reasoning-gym: only when evaluation is asked for
+
+        known = known_tasks()
+        for task in e.tasks:
+            if task not in known:
+                p.append(f"eval.tasks: unknown task {task!r} (e.g. gsm8k, commonsenseqa, gsm_symbolic)")
+    for entry in e.files:
+        task, sep, path = entry.partition("=")
+        if not sep or not Path(path).expanduser().is_file():
+            p.append(f"eval.files: {entry!r} is not task=path of an existing file")
     return p
 
 

@@ -1,6 +1,7 @@
 """Generation with thoughts: before every output token the model thinks one thought, mixes, and talks.
 
-One KV cache holds the text. For each output token at position n (the text so far is x_0..x_{n-1}):
+One KV cache holds the text (`ThinkingDecoder`, shared with evaluation). For each output token at
+position n (the text so far is x_0..x_{n-1}):
   1. think: <sot> at position n, then c_1..c_M (greedy or sampled), then <eot>, each step reading the cache;
   2. mix: w = mixing_head(h_base(n-1), h_talk(<eot>)), logits (1 - w) z_base + w z_talk, pick x_n;
   3. drop the thought's K/V entries (the cache is cropped back to n) and append x_n at position n.
@@ -28,7 +29,7 @@ from qstar_rl.model import ThinkingLM
 
 @dataclass
 class Generation:
-    """What `generate` produced for a batch of prompts of equal length."""
+    """What `generate` produced for a batch of prompts."""
 
     tokens: torch.Tensor
     """(B, N) the generated tokens."""
@@ -38,12 +39,105 @@ class Generation:
     """(B, N) the mixing weight w used for each generated token (0 when thinking is off)."""
 
 
-def _pick(logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None):
+@dataclass
+class Prediction:
+    """The next-token prediction at the end of the text so far, for every sequence of the batch."""
+
+    base_logits: torch.Tensor
+    """(B, V) the base model's logits z_base."""
+    logits: torch.Tensor
+    """(B, V) the logits to pick from: mixed after a thought when thinking, else z_base."""
+    thought: torch.Tensor
+    """(B, M) the thought (M = 0 when not thinking)."""
+    weight: torch.Tensor
+    """(B,) the mixing weight w (0 when not thinking)."""
+
+
+def pick(logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) -> (B,) next tokens."""
     if greedy:
         return logits.argmax(dim=-1)
     probs = (logits.float() / temperature).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class ThinkingDecoder:
+    """A KV cache over a batch of left-padded prompts that can think before predicting the next token.
+
+    `predict` thinks (when asked) and returns the next-token logits without changing the text; `append`
+    adds one token per sequence. Generation picks the appended token from the prediction; evaluation
+    appends the reference answer (teacher forcing). Position ids count real tokens only, so a left-padded
+    prompt sees the positions it would see alone.
+    """
+
+    def __init__(self, model: ThinkingLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """input_ids, attention_mask (B, P): prompts, left-padded (mask 0 on the left) when lengths differ."""
+        self.model = model
+        self.batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, :-1] > attention_mask[:, 1:]).any()):
+            raise ValueError("prompts must be left-padded: attention_mask 0s before the 1s")
+        self.cache = transformers.DynamicCache(config=model.lm.config)
+        self.mask = attention_mask[:, :0]  # (B, cache length): 0 over the left padding
+        self.lengths = attention_mask.sum(dim=1)  # (B,) real tokens so far = position of the next token
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P)
+        self.base_hidden = self._forward(model._embed(input_ids), positions, attention_mask)[:, -1]  # (B, D)
+
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None):
+        """(B, S, D) at positions (B, S) -> final hidden states (B, S, D); extends the cache and its mask."""
+        if mask is None:
+            mask = torch.ones(positions.shape, dtype=self.mask.dtype, device=positions.device)
+        self.mask = torch.cat([self.mask, mask], dim=1)
+        out = self.model.lm.base_model(
+            inputs_embeds=embeds,
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def _at(self, offset: int) -> torch.Tensor:
+        return (self.lengths + offset)[:, None]  # (B, 1)
+
+    def predict(
+        self,
+        think: bool = True,
+        greedy_thoughts: bool = True,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        """Next-token logits at the end of the text. Thinking puts <sot> c_1..c_M <eot> at positions n..n+M+1
+        (n = the next token's position: training's branch at i = n - 1), mixes, and then forgets the thought."""
+        model, length = self.model, self.model.thought.length
+        base_logits = model._logits(self.base_hidden).float()  # (B, V)
+        device = base_logits.device
+        if not think:
+            empty = torch.empty(self.batch, 0, dtype=torch.long, device=device)
+            return Prediction(base_logits, base_logits, empty, torch.zeros(self.batch, device=device))
+        kept = self.mask.shape[1]
+        meta_shape = (self.batch, 1, self.base_hidden.shape[-1])
+        start = model._meta(model.start_embedding, self.base_hidden).expand(meta_shape)  # (B, 1, D)
+        end = model._meta(model.end_embedding, self.base_hidden).expand(meta_shape)
+        thought = torch.empty(self.batch, length, dtype=torch.long, device=device)  # (B, M)
+        hidden = self._forward(start, self._at(0))[:, -1]  # <sot> at n
+        for m in range(length):
+            thought[:, m] = pick(model._logits(hidden).float(), greedy_thoughts, temperature, generator)
+            if m + 1 < length:
+                hidden = self._forward(model._embed(thought[:, m : m + 1]), self._at(1 + m))[:, -1]
+        last = torch.cat([model._embed(thought[:, -1:]), end], dim=1)  # c_M at n+M, <eot> at n+M+1
+        talk_hidden = self._forward(last, torch.cat([self._at(length), self._at(length + 1)], dim=1))[:, -1]
+        weight = model.mixing_head(self.base_hidden, talk_hidden)  # (B,)
+        mixed = mix_logits(base_logits, model._logits(talk_hidden).float(), weight)  # (B, V)
+        self.cache.crop(kept - self.cache.get_seq_length())  # forget the M + 2 thought entries
+        self.mask = self.mask[:, :kept]
+        return Prediction(base_logits, mixed, thought, weight.float())
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Add one token (B,) per sequence at its next position."""
+        self.base_hidden = self._forward(self.model._embed(tokens[:, None]), self._at(0))[:, -1]
+        self.lengths = self.lengths + 1
 
 
 @torch.no_grad()
@@ -57,54 +151,26 @@ def generate(
     temperature: float = 1.0,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> Generation:
-    """Generate up to max_new_tokens after the prompts input_ids (B, P) (no padding), thinking a thought of
-    M tokens before each one when `think`. Stops early once every sequence has emitted eos_token_id."""
-    lm, length = model.lm, model.thought.length
-    batch, prompt_len = input_ids.shape
-    device = input_ids.device
-    cache = transformers.DynamicCache(config=lm.config)
-
-    def forward(embeds: torch.Tensor, first_position: int) -> torch.Tensor:
-        """(B, S, D) at positions first_position.. -> final hidden states (B, S, D), extending the cache."""
-        positions = torch.arange(first_position, first_position + embeds.shape[1], device=device)
-        out = lm.base_model(
-            inputs_embeds=embeds, position_ids=positions.expand(batch, -1), past_key_values=cache, use_cache=True
-        )
-        return out.last_hidden_state
-
-    base_hidden = forward(model._embed(input_ids), 0)[:, -1]  # (B, D) at x_{n-1}
-    start = model._meta(model.start_embedding, base_hidden).expand(batch, 1, -1)  # (B, 1, D)
-    end = model._meta(model.end_embedding, base_hidden).expand(batch, 1, -1)
+    """Generate up to max_new_tokens after the prompts input_ids (B, P) (left-padded per attention_mask when
+    their lengths differ), thinking a thought of M tokens before each one when `think`. Stops early once
+    every sequence has emitted eos_token_id; finished sequences are padded with it."""
+    decoder = ThinkingDecoder(model, input_ids, attention_mask)
     tokens, thoughts, weights = [], [], []
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for n in range(prompt_len, prompt_len + max_new_tokens):
-        base_logits = model._logits(base_hidden).float()  # (B, V)
-        thought = torch.empty(batch, length if think else 0, dtype=torch.long, device=device)  # (B, M)
-        weight = torch.zeros(batch, device=device)
-        if think:
-            hidden = forward(start, n)[:, -1]  # <sot> at n
-            for m in range(length):
-                thought[:, m] = _pick(model._logits(hidden).float(), greedy_thoughts, temperature, generator)
-                if m + 1 < length:
-                    hidden = forward(model._embed(thought[:, m : m + 1]), n + 1 + m)[:, -1]
-            last = torch.cat([model._embed(thought[:, -1:]), end], dim=1)  # c_M at n+M, <eot> at n+M+1
-            talk_hidden = forward(last, n + length)[:, -1]  # (B, D)
-            weight = model.mixing_head(base_hidden, talk_hidden)  # (B,)
-            mixed = mix_logits(base_logits, model._logits(talk_hidden).float(), weight)  # (B, V)
-            cache.crop(n - cache.get_seq_length())  # forget the thought (M + 2 entries): x_n goes at n
-        else:
-            mixed = base_logits
-        token = _pick(mixed, greedy_tokens, temperature, generator)  # (B,)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        prediction = decoder.predict(think, greedy_thoughts, temperature, generator)
+        token = pick(prediction.logits, greedy_tokens, temperature, generator)  # (B,)
         if eos_token_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
             finished |= token == eos_token_id
         tokens.append(token)
-        thoughts.append(thought)
-        weights.append(weight.float())
+        thoughts.append(prediction.thought)
+        weights.append(prediction.weight)
         if bool(finished.all()):
             break
-        base_hidden = forward(model._embed(token[:, None]), n)[:, -1]
+        decoder.append(token)
     return Generation(torch.stack(tokens, 1), torch.stack(thoughts, 1), torch.stack(weights, 1))
 
 

@@ -42,6 +42,7 @@ from qstar_rl.config import (
     validate_cluster,
 )
 from qstar_rl.data import WindowStream
+from qstar_rl.eval import eval_due
 from qstar_rl.learner import step_timings, throughput
 from qstar_rl.metrics import MetricsLogger
 from qstar_rl.model import load_tokenizer
@@ -424,7 +425,10 @@ def run_attempt(config: Config, resume: bool, restarts: int) -> None:
                 results[0].metrics.update(throughput(results[0].metrics, seconds))
             state.step += 1
             state.data, state.data_stats = current.position, current.stats
-            log_step(logger, config, tokenizer, state, results[0], current.stats, {"cluster/restarts": restarts})
+            extra = {"cluster/restarts": restarts}
+            if eval_due(config.eval, state.step, config.train.steps):
+                extra.update(group.on_learners("evaluate")[0])
+            log_step(logger, config, tokenizer, state, results[0], current.stats, extra)
             if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
                 group.on_learners("save_checkpoint", state)
         if pending_loads:

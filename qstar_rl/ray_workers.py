@@ -20,6 +20,7 @@ import torch
 from qstar_rl import checkpoint
 from qstar_rl.config import Config, config_to_dict
 from qstar_rl.engine import all_reduce_sum, build_thinking_engine, free_port, init_distributed, partition_report
+from qstar_rl.eval import periodic_eval
 from qstar_rl.learner import StepResult, learn_step, train_step
 from qstar_rl.model import ThinkingLM, load_lm
 from qstar_rl.rollout import ThoughtBatch, rollout
@@ -63,7 +64,7 @@ class LearnerWorker:
         )
         init_distributed()
         torch.manual_seed(self.config.train.seed)
-        self.model, _, self.engine, self.full_weights = build_thinking_engine(
+        self.model, self.tokenizer, self.engine, self.full_weights = build_thinking_engine(
             self.config, self.world_size, self.ds_json
         )
         if self.rank == 0:
@@ -97,6 +98,10 @@ class LearnerWorker:
         )
         self.step = policy_version + 1
         return result
+
+    def evaluate(self) -> dict[str, float]:
+        """Periodic zero-shot evaluation (every rank at once, see eval.periodic_eval)."""
+        return periodic_eval(self.model, self.tokenizer, self.config.eval, self.full_weights)
 
     def publish_weights(self, chunk_mb: int) -> list[ray.ObjectRef]:
         """Gather the ZeRO-3 partitions (every rank must call this at once); rank 0 puts the full weights

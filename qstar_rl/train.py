@@ -25,6 +25,7 @@ from qstar_rl import checkpoint
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
 from qstar_rl.data import DataStats, WindowStream
 from qstar_rl.engine import all_reduce_sum, build_thinking_engine, init_distributed, partition_report
+from qstar_rl.eval import eval_due, periodic_eval
 from qstar_rl.learner import StepResult, train_step
 from qstar_rl.metrics import MetricsLogger
 
@@ -125,7 +126,10 @@ def train(config: Config, resume: bool = True) -> Path:
         micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accumulation)]
         result = train_step(engine, model, micro_batches, config, state.step, all_reduce_sum, world, full_weights)
         state.step += 1
-        log_step(logger, config, tokenizer, state, result, stream.stats)
+        extra = {}
+        if eval_due(config.eval, state.step, config.train.steps):
+            extra = periodic_eval(model, tokenizer, config.eval, full_weights)
+        log_step(logger, config, tokenizer, state, result, stream.stats, extra)
         if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
             checkpoint.capture_rngs(state)
             state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)

@@ -68,3 +68,17 @@ def reference_greedy_thought(model: ThinkingLM, input_ids, b: int, i: int) -> to
         tokens.append(token)
         seq = torch.cat([seq, emb(token[None])])
     return torch.stack(tokens)
+
+
+def reference_next_logits(model: ThinkingLM, text: torch.Tensor, think: bool) -> tuple[torch.Tensor, ...]:
+    """Next-token logits after the text (n,) by plain forwards without a cache: (logits (V,), greedy thought
+    (M,) or None, mixing weight or None). Thinking reads x_0..x_{n-1} <sot> c_1..c_M <eot> and mixes."""
+    emb = model.lm.get_input_embeddings()
+    base_hidden = plain_hidden(model, emb(text))[-1]
+    if not think:
+        return head(model, base_hidden), None, None
+    thought = reference_greedy_thought(model, text[None], 0, len(text) - 1)
+    seq = torch.cat([emb(text), model.start_embedding[None], emb(thought), model.end_embedding[None]])
+    talk_hidden = plain_hidden(model, seq)[-1]
+    w = model.mixing_head(base_hidden, talk_hidden)
+    return (1 - w) * head(model, base_hidden) + w * head(model, talk_hidden), thought, w

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import FAMILIES, make_model
-from reference import head, plain_hidden, reference_greedy_thought
+from reference import reference_next_logits
 
 from qstar_rl.generate import generate
 
@@ -11,20 +11,12 @@ from qstar_rl.generate import generate
 def reference_generate(model, prompt: torch.Tensor, steps: int, think: bool = True):
     """(P,) -> greedy tokens (steps,), thoughts (steps, M), weights (steps,): no cache, one plain forward
     over x_0..x_{n-1} <sot> c_1..c_M <eot> per thought token and per output token."""
-    emb = model.lm.get_input_embeddings()
     text, thoughts, weights = prompt.clone(), [], []
     for _ in range(steps):
-        base_hidden = plain_hidden(model, emb(text))[-1]
+        logits, thought, w = reference_next_logits(model, text, think)
         if think:
-            thought = reference_greedy_thought(model, text[None], 0, len(text) - 1)
-            seq = torch.cat([emb(text), model.start_embedding[None], emb(thought), model.end_embedding[None]])
-            talk_hidden = plain_hidden(model, seq)[-1]
-            w = model.mixing_head(base_hidden, talk_hidden)
-            logits = (1 - w) * head(model, base_hidden) + w * head(model, talk_hidden)
             thoughts.append(thought)
             weights.append(w)
-        else:
-            logits = head(model, base_hidden)
         text = torch.cat([text, logits.argmax()[None]])
     tokens = text[len(prompt) :]
     return tokens, (torch.stack(thoughts) if think else None), (torch.stack(weights) if think else None)
@@ -63,6 +55,30 @@ def test_a_batch_generates_what_each_prompt_generates_alone():
             alone = generate(model, prompts[b : b + 1], max_new_tokens=4)
             assert torch.equal(together.tokens[b], alone.tokens[0])
             assert torch.equal(together.thoughts[b], alone.thoughts[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padded_prompts_of_different_lengths_generate_what_each_generates_alone(family):
+    model = make_model(family, length=3).eval()
+    lengths = [6, 3, 5]  # not sorted, one unpadded
+    prompts = [torch.randint(0, model.lm.config.vocab_size, (n,)) for n in lengths]
+    input_ids = torch.zeros(3, max(lengths), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, -len(prompt) :], attention_mask[b, -len(prompt) :] = prompt, 1
+    with torch.no_grad():
+        together = generate(model, input_ids, max_new_tokens=4, attention_mask=attention_mask)
+        for b, prompt in enumerate(prompts):
+            alone = generate(model, prompt[None], max_new_tokens=4)
+            assert torch.equal(together.tokens[b], alone.tokens[0])
+            assert torch.equal(together.thoughts[b], alone.thoughts[0])
+            torch.testing.assert_close(together.mixing_weights[b], alone.mixing_weights[0], atol=1e-5, rtol=1e-4)
+
+
+def test_right_padded_prompts_are_refused():
+    model = make_model("llama").eval()
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, torch.ones(1, 4, dtype=torch.long), 1, attention_mask=torch.tensor([[1, 1, 0, 0]]))
 
 
 def test_generation_stops_at_eos_and_pads_finished_sequences():

@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 from ray_cluster import BIN, LocalRayCluster, cluster_env
-from test_train import METRIC_KEYS, TINY, metrics, train
+from test_train import EVAL, EVAL_KEYS, METRIC_KEYS, TINY, metrics, train
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
@@ -45,7 +45,7 @@ def cluster():
 def reference(tmp_path_factory) -> list[dict]:
     """The colocated `deepspeed` path (1 ZeRO-3 rank, 2 accumulation micro-batches of 1): same global batch."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(run_dir, "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=2")
+    train(run_dir, "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=2", *EVAL)
     return metrics(run_dir)
 
 
@@ -164,10 +164,13 @@ def test_a_killed_rollout_actor_restarts_from_the_last_checkpoint(cluster, refer
 
 
 def test_colocated_placement_trains_like_the_deepspeed_path(cluster, reference, tmp_path):
-    proc = ray_train(cluster, tmp_path / "run", "train.steps=2", "cluster.colocate=true")
+    proc = ray_train(cluster, tmp_path / "run", "train.steps=2", "cluster.colocate=true", *EVAL)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "colocated rollout" in (tmp_path / "run" / "train.log").read_text()
-    assert_same_trajectory(metrics(tmp_path / "run"), reference)
+    rows = metrics(tmp_path / "run")
+    assert_same_trajectory(rows, reference)
+    for key in EVAL_KEYS:  # periodic evaluation on the 2 learner ranks equals the 1-rank deepspeed run's
+        assert rows[1][key] == pytest.approx(reference[1][key], abs=1e-5, rel=1e-4), key
 
 
 def test_async_rollout_is_at_most_one_version_stale(cluster, tmp_path):

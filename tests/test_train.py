@@ -42,6 +42,9 @@ METRIC_KEYS = [
     "perf/tokens_per_s",
     "perf/thought_tokens_per_s",
 ]
+EVAL = ["eval.tasks=gsm_symbolic", "eval.every_steps=2", "eval.limit=3", "eval.max_new_tokens=3"]
+"""Periodic evaluation at steps 2 and the last, on 3 offline items (reasoning-gym)."""
+EVAL_KEYS = [f"eval/gsm_symbolic/{m}{s}" for s in ("", "_no_think") for m in ("answer_prob", "exact_match")]
 DETERMINISTIC = [k for k in METRIC_KEYS if not k.startswith(("time/", "perf/"))]
 
 
@@ -80,7 +83,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(run_dir, "train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1")
+    train(run_dir, "train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1", *EVAL)
     return run_dir
 
 
@@ -102,10 +105,15 @@ def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
     assert list(tiny_run.glob("wandb/offline-run-*/files/media/table/thoughts_*.table.json"))
     thoughts = [json.loads(line) for line in (tiny_run / "thoughts.jsonl").read_text().splitlines()]
     assert thoughts and all(t["thought"] and t["context"] for t in thoughts)
+    assert [r["step"] for r in rows if EVAL_KEYS[0] in r] == [2, 3]  # every 2 steps and after the last
+    for row in (rows[1], rows[2]):
+        assert all(0 <= row[k] <= 1 for k in EVAL_KEYS) and row["time/eval"] > 0
+        assert row["eval/gsm_symbolic/answer_prob"] > row["eval/gsm_symbolic/answer_prob_full"] > 0
+    assert [r["_step"] for r in logged if EVAL_KEYS[0] in r] == [2, 3], "eval metrics reach wandb"
 
 
 def test_two_zero3_ranks_match_one_rank(tmp_path):
-    overrides = ["train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4"]
+    overrides = ["train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4", *EVAL]
     one = tmp_path / "one"
     train(one, *overrides)  # 1 rank, 2 accumulation micro-batches
     two = tmp_path / "two"
@@ -119,6 +127,8 @@ def test_two_zero3_ranks_match_one_rank(tmp_path):
     for row_a, row_b in zip(a, b, strict=True):
         for key in ("loss/total", "loss/policy", "loss/nll_base", "loss/nll_talk", "reward/mean", "optim/grad_norm"):
             assert row_a[key] == pytest.approx(row_b[key], abs=1e-4, rel=1e-4), (row_a["step"], key)
+    for key in EVAL_KEYS:  # evaluated with the gathered ZeRO-3 weights: the same numbers as one rank
+        assert a[1][key] == pytest.approx(b[1][key], abs=1e-5, rel=1e-4), key
 
 
 def test_resume_after_a_kill_continues_exactly(tmp_path):

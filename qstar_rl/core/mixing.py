@@ -38,3 +38,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - logits.logsumexp(dim=-1)
+
+
+def restricted_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log p(target) with the softmax restricted to the `allowed` token ids (A,) (the paper's eval metric
+    over valid answer tokens); -inf where the target is not allowed. logits (..., V), targets (...) -> (...)."""
+    logits = logits.float()[..., allowed]  # (..., A)
+    is_target = allowed == targets.unsqueeze(-1)  # (..., A)
+    return logits.masked_fill(~is_target, -torch.inf).logsumexp(-1) - logits.logsumexp(-1)
