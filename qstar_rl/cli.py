@@ -1,4 +1,4 @@
-"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate,eval} ... (each also runs as
+"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate,eval,report} ... (each also runs as
 `python -m qstar_rl.<name>`)."""
 
 import sys
@@ -9,6 +9,7 @@ COMMANDS = {
     "export": ("qstar_rl.export", "checkpoint -> plain HF folder + meta tokens + mixing head"),
     "generate": ("qstar_rl.generate", "generate text, thinking a thought before every token"),
     "eval": ("qstar_rl.eval", "zero-shot answer probability and exact match, with and without thinking"),
+    "report": ("qstar_rl.report", "where thinking helps: difficult-token table, plots, HTML page"),
 }
 
 
