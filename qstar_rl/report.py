@@ -217,7 +217,7 @@ def text_html(tokenizer, effects: TokenEffects) -> str:
                 continue
             i = n - 1  # the thought at position i predicts x_{i+1} = x_n
             delta = float(effects.think_nll[b, i] - effects.base_nll[b, i])
-            thought = html.escape(tokenizer.decode(effects.thoughts[b, i].tolist()))
+            thought = html.escape(tokenizer.decode(effects.thoughts[b, i].tolist())).replace("\n", "↵")
             tip = (
                 f'<span class="tip"><b>thought:</b> <span class="th">{thought}</span><br>'
                 f"NLL {float(effects.base_nll[b, i]):.2f} &rarr; {float(effects.think_nll[b, i]):.2f} "

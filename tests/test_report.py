@@ -82,7 +82,7 @@ def test_the_html_page_is_self_contained_and_shows_every_token_and_thought(tmp_p
     for token in ids[0].tolist():  # every token of the input, escaped
         assert html.escape(tokenizer.decode([token])).replace("\n", "↵<br>") in page
     for i in range(steps - 1):  # every thought (the one before the last token's successor does not exist)
-        assert html.escape(tokenizer.decode(thoughts[0, i].tolist())) in page
+        assert html.escape(tokenizer.decode(thoughts[0, i].tolist())).replace("\n", "↵") in page
     assert "test &lt;page&gt;" in page and summary["tokens"] == steps - 1
     for name in ("difficult_tokens.png", "curves.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
