@@ -195,11 +195,9 @@ def answer_logprobs(
         present = torch.tensor([k < len(a) for a in answers], device=device)  # (N,)
         gold = torch.tensor([a[k] if k < len(a) else pad_id for a in answers], device=device)  # (N,)
         logits = decoder.predict(think=think, greedy_thoughts=True).logits  # (N, V)
-        full += torch.where(present, token_logprobs(logits, gold), 0.0)
-        if vocabulary is None:
-            picked = token_logprobs(logits, gold)
-        else:
-            picked = restricted_token_logprobs(logits, gold, vocabulary.to(device))
+        whole = token_logprobs(logits, gold)  # (N,)
+        full += torch.where(present, whole, 0.0)
+        picked = whole if vocabulary is None else restricted_token_logprobs(logits, gold, vocabulary.to(device))
         restricted += torch.where(present, picked, 0.0)
         decoder.append(gold)
     return full, restricted
