@@ -4,12 +4,21 @@ each with and without thinking.
     qstar-rl eval --checkpoint runs/default --task gsm_symbolic --limit 200        # offline (reasoning-gym)
     qstar-rl eval --checkpoint exported/ --task gsm8k                               # from the hub
     qstar-rl eval --checkpoint smollm2-135m --task commonsenseqa --data csqa.jsonl  # a local file, same fields
+    qstar-rl eval --checkpoint runs/default --task gsm8k --protocol paper          # the authors' protocol
 
-Every item becomes the prompt "Question: ...\\n[A. choice\\n...]Answer:" followed by the target " <answer>".
-- answer_prob (the paper's metric): probability of the exact answer string, teacher-forced, with a greedy
-  thought before every answer token, each token's distribution restricted to the valid answer tokens
-  (number-spelling tokens for numeric answers, the choice labels for multiple choice; no restriction for
-  free-text answers). answer_prob_full: the same over the whole vocabulary.
+Two protocols (--protocol):
+- default: the prompt "Question: ...\\n[A. choice\\n...]Answer:" followed by the target " <answer>" (prompt
+  and answer tokenised separately). answer_prob: probability of the exact answer string, teacher-forced, with
+  a greedy thought before every answer token, each token's distribution restricted to the valid answer
+  tokens (number-spelling tokens for numeric answers, the choice labels for multiple choice; no restriction
+  for free-text answers).
+- paper: the Quiet-STaR authors' zero-shot protocol. The text "Q: ...\\n[(A) choice\\n...]A: <answer>\\n" is
+  tokenised as one string; the answer starts after "A:" (a separate leading space token is read, not
+  scored); each answer token's distribution is restricted to the 10 digit tokens + "\\n" (numeric answers)
+  or the letters A-E + "\\n" (multiple choice), and the closing "\\n" is scored too, so "1" gets no credit
+  where the model goes on to "12". Other tokens of a numeric answer ("-", ",", ".") are read, not scored,
+  as the authors do. Free-text answers: no restriction.
+answer_prob_full: the same answer tokens over the whole vocabulary.
 - exact_match: greedy generation (a thought before every token) whose answer, extracted from the text
   (first number / first choice label / first line), equals the reference.
 Each has a `_no_think` twin from the same model's base prediction, so one run shows what thinking adds.
@@ -28,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from qstar_rl.config import EvalConfig
+from qstar_rl.config import EVAL_PROTOCOLS, EvalConfig
 from qstar_rl.core.mixing import restricted_token_logprobs, token_logprobs
 from qstar_rl.generate import ThinkingDecoder, generate, load_for_generation
 from qstar_rl.model import ThinkingLM
@@ -41,6 +50,8 @@ HUB_TASKS = {
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _NUMBER_TOKEN = re.compile(r" ?[-+]?\d*[.,]?\d*")
+PAPER_LETTERS = "ABCDE"
+"""The choice labels whose tokens the paper protocol restricts multiple-choice answers to (CommonsenseQA's)."""
 
 
 @dataclass
@@ -112,8 +123,15 @@ def load_task(task: str, limit: int | None = None, seed: int = 0, data_file: str
 
 
 def prompt_text(item: EvalItem) -> str:
+    """The default protocol's prompt: "Question: ...\\n[A. choice\\n...]Answer:"."""
     choices = "".join(f"{label}. {text}\n" for label, text in item.choices)
     return f"Question: {item.question}\n{choices}Answer:"
+
+
+def paper_prompt_text(item: EvalItem) -> str:
+    """The paper protocol's prompt: "Q: ...\\n[(A) choice\\n...]A: ", the answer follows the space."""
+    choices = "".join(f"({label}) {text}\n" for label, text in item.choices)
+    return f"Q: {item.question}\n{choices}A: "
 
 
 def _is_number(text: str) -> bool:
@@ -135,6 +153,109 @@ def answer_vocabulary(tokenizer, items: list[EvalItem]) -> torch.Tensor | None:
         return None
     ids |= {t for item in items for t in tokenizer.encode(" " + item.answer, add_special_tokens=False)}
     return torch.tensor(sorted(ids))
+
+
+def split_joint(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Tokenise prompt + answer as one string, as the authors do, and split the ids where the answer starts:
+    (context ids, answer ids); context + answer is exactly the joint tokenisation.
+
+    Tokenising the two strings separately is not the same thing for every tokenizer: a SentencePiece-style
+    tokenizer (Llama-2, Mistral) puts a "▁" in front of every string it encodes, so " 72" alone gives an
+    extra "▁", and any BPE merge may cross the boundary. Byte-level BPE (GPT-2, SmolLM2) pre-splits at the
+    space and happens to give the same ids. The split uses the character offsets of the joint tokens: a token
+    belongs to the answer when it ends after the prompt. One that starts inside the prompt may only cover the
+    prompt's trailing whitespace (" B", "▁7" carry the space after "A:"); a separate space token (SmolLM2's
+    " ", Mistral's "▁") ends with the prompt, so it stays in the context: read, not scored."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("the paper protocol needs a fast tokenizer (character offsets of the joint tokens)")
+    encoded = tokenizer(prompt + answer, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    boundary = len(prompt)
+    inside = [i for i, (_, end) in enumerate(offsets) if end > boundary]  # special tokens have (0, 0): context
+    if not inside or inside != list(range(inside[0], inside[-1] + 1)):
+        raise ValueError(f"cannot find the answer {answer!r} in the tokens of {prompt + answer!r}")
+    start = offsets[inside[0]][0]
+    if prompt[start:boundary].strip():
+        raise ValueError(f"the tokenizer merges the end of the prompt {prompt[start:]!r} with the answer {answer!r}")
+    return ids[: inside[0]], ids[inside[0] : inside[-1] + 1]
+
+
+def paper_vocabulary(tokenizer, spellings: list[str]) -> torch.Tensor:
+    """The paper protocol's restricted vocabulary: the tokens that spell each character of `spellings`
+    (the digits, or the choice letters) right after "A: " in the joint tokenisation, plus the "\\n" token
+    that ends an answer. Found by tokenising those answers in context, so the ids are the ones real answers
+    use (Mistral: "7", "▁B", "<0x0A>"; SmolLM2: "7", " B", "\\n"); the authors list the same ids by hand.
+    Refuses tokenizers that write several digits (or a label) as one token: the protocol is not defined there."""
+    ids: set[int] = set()
+    for spelling in spellings:
+        _, tokens = split_joint(tokenizer, "Q: ?\nA: ", spelling + "\n")
+        pieces = [tokenizer.decode([t]) for t in tokens]
+        if [piece.strip() for piece in pieces[:-1]] != list(spelling) or pieces[-1] != "\n":
+            raise ValueError(
+                f"the paper protocol needs one token per character of {spelling!r} and a separate newline; "
+                f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} writes {spelling + chr(10)!r} as {pieces}"
+            )
+        ids.update(tokens)
+    return torch.tensor(sorted(ids))
+
+
+@dataclass
+class ForcedAnswer:
+    """One item as token ids for teacher forcing under a protocol."""
+
+    prompt: list[int]
+    """What the model reads before the first answer token (generation for exact match starts here too)."""
+    answer: list[int]
+    """The answer tokens, appended one at a time; each is predicted after a thought."""
+    scored: list[bool]
+    """Which answer tokens count in the restricted answer_prob (the paper protocol reads "-", "," and "." of a
+    number without scoring them); answer_prob_full counts them all."""
+    vocabulary: torch.Tensor | None
+    """Token ids the restricted softmax runs over; None: the whole vocabulary."""
+
+
+def default_answers(tokenizer, items: list[EvalItem]) -> list[ForcedAnswer]:
+    """The default protocol: prompt_text and " <answer>" tokenised separately, one vocabulary for all items."""
+    vocabulary = answer_vocabulary(tokenizer, items)
+    forced = []
+    for item in items:
+        answer = tokenizer.encode(" " + item.answer, add_special_tokens=False)
+        forced.append(ForcedAnswer(tokenizer.encode(prompt_text(item)), answer, [True] * len(answer), vocabulary))
+    return forced
+
+
+def paper_answers(tokenizer, items: list[EvalItem]) -> list[ForcedAnswer]:
+    """The paper protocol: paper_prompt_text + "<answer>\\n" tokenised jointly and split (split_joint); numeric
+    answers restricted to the digit tokens + "\\n", multiple choice to the letters A-E (and any other label
+    the items use) + "\\n", free-text answers unrestricted. Chosen per item, as the authors do."""
+    labels = sorted(set(PAPER_LETTERS) | {label for item in items for label, _ in item.choices})
+    vocabularies: dict[str, torch.Tensor] = {}  # built once per kind, only for the kinds the items need
+    forced = []
+    for item in items:
+        context, answer = split_joint(tokenizer, paper_prompt_text(item), item.answer + "\n")
+        if item.choices:
+            vocabulary = vocabularies.get("choice")
+            if vocabulary is None:
+                vocabulary = vocabularies["choice"] = paper_vocabulary(tokenizer, labels)
+        elif _is_number(item.answer):
+            vocabulary = vocabularies.get("number")
+            if vocabulary is None:  # every digit first after "A: " and inside a number
+                vocabulary = vocabularies["number"] = paper_vocabulary(tokenizer, ["0123456789", *"0123456789"])
+        else:
+            vocabulary = None
+        allowed = set(vocabulary.tolist()) if vocabulary is not None else None
+        scored = [allowed is None or token in allowed for token in answer]
+        forced.append(ForcedAnswer(context, answer, scored, vocabulary))
+    return forced
+
+
+def forced_answers(tokenizer, items: list[EvalItem], protocol: str = "default") -> list[ForcedAnswer]:
+    """The items as token ids for teacher forcing under `protocol` (config.EVAL_PROTOCOLS)."""
+    if protocol == "default":
+        return default_answers(tokenizer, items)
+    if protocol == "paper":
+        return paper_answers(tokenizer, items)
+    raise ValueError(f"unknown evaluation protocol {protocol!r}; known: {', '.join(EVAL_PROTOCOLS)}")
 
 
 def extract_answer(item: EvalItem, generated: str) -> str:
@@ -175,17 +296,44 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+Vocabulary = torch.Tensor | None
+"""Token ids a restricted softmax runs over (A,); None: the whole vocabulary."""
+
+
+def _restricted_logprobs(
+    logits: torch.Tensor, gold: torch.Tensor, whole: torch.Tensor, vocabulary: Vocabulary | list[Vocabulary]
+) -> torch.Tensor:
+    """(N,) log p(gold) with each row's softmax restricted to its vocabulary: one for all rows, or one per row
+    (rows sharing a vocabulary object are computed together). `whole` (N,) is the unrestricted answer."""
+    if isinstance(vocabulary, list) and all(v is vocabulary[0] for v in vocabulary):
+        vocabulary = vocabulary[0]  # one vocabulary for the batch (the default protocol): one call, as before
+    if not isinstance(vocabulary, list):
+        return whole if vocabulary is None else restricted_token_logprobs(logits, gold, vocabulary.to(logits.device))
+    groups: dict[int, list[int]] = {}
+    for row, vocab in enumerate(vocabulary):
+        if vocab is not None:
+            groups.setdefault(id(vocab), []).append(row)
+    picked = whole
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        allowed = vocabulary[rows[0]].to(logits.device)
+        picked = picked.index_copy(0, index, restricted_token_logprobs(logits[index], gold[index], allowed))
+    return picked
+
+
 @torch.no_grad()
 def answer_logprobs(
     model: ThinkingLM,
     prompts: list[list[int]],
     answers: list[list[int]],
-    vocabulary: torch.Tensor | None,
+    vocabulary: Vocabulary | list[Vocabulary],
     think: bool,
     pad_id: int,
+    scored: list[list[bool]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(answer | prompt), teacher-forced, a greedy thought before every answer token when `think`:
-    over the whole vocabulary and restricted to `vocabulary` (None: the whole vocabulary), (N,) each."""
+    over the whole vocabulary, and restricted to `vocabulary` (one for all, or one per item; None: the whole
+    vocabulary) summed over the answer tokens that `scored` marks (None: all), (N,) each."""
     device = model.start_embedding.device
     input_ids, attention_mask = left_pad(prompts, pad_id)
     decoder = ThinkingDecoder(model, input_ids.to(device), attention_mask.to(device))
@@ -194,11 +342,11 @@ def answer_logprobs(
     for k in range(max(len(a) for a in answers)):
         present = torch.tensor([k < len(a) for a in answers], device=device)  # (N,)
         gold = torch.tensor([a[k] if k < len(a) else pad_id for a in answers], device=device)  # (N,)
+        counted = present if scored is None else torch.tensor([k < len(s) and s[k] for s in scored], device=device)
         logits = decoder.predict(think=think, greedy_thoughts=True).logits  # (N, V)
         whole = token_logprobs(logits, gold)  # (N,)
         full += torch.where(present, whole, 0.0)
-        picked = whole if vocabulary is None else restricted_token_logprobs(logits, gold, vocabulary.to(device))
-        restricted += torch.where(present, picked, 0.0)
+        restricted += torch.where(counted, _restricted_logprobs(logits, gold, whole, vocabulary), 0.0)
         decoder.append(gold)
     return full, restricted
 
@@ -211,22 +359,24 @@ def evaluate(
     max_new_tokens: int = 16,
     generation: bool = True,
     progress: Callable | None = None,
+    protocol: str = "default",
 ) -> list[dict]:
     """One record per item with answer_prob(_full) and, when `generation`, exact_match and the generated
-    text, each with and without thinking (`_no_think`). `progress(n)` is called after each batch."""
+    text, each with and without thinking (`_no_think`), under `protocol` (default or paper, see the module
+    docstring). `progress(n)` is called after each batch."""
     was_training = model.training
     model.eval()
-    vocabulary = answer_vocabulary(tokenizer, items)
+    forced = forced_answers(tokenizer, items, protocol)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.start_embedding.device
     records = []
     for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        prompts = [tokenizer.encode(prompt_text(item)) for item in batch]
-        answers = [tokenizer.encode(" " + item.answer, add_special_tokens=False) for item in batch]
+        batch, chunk = items[start : start + batch_size], forced[start : start + batch_size]
+        prompts, answers = [f.prompt for f in chunk], [f.answer for f in chunk]
+        vocabularies, scored = [f.vocabulary for f in chunk], [f.scored for f in chunk]
         rows = [{"question": item.question, "answer": item.answer} for item in batch]
         for think, suffix in ((True, ""), (False, "_no_think")):
-            full, restricted = answer_logprobs(model, prompts, answers, vocabulary, think, pad_id)
+            full, restricted = answer_logprobs(model, prompts, answers, vocabularies, think, pad_id, scored)
             for row, f, r in zip(rows, full.tolist(), restricted.tolist(), strict=True):
                 row[f"answer_prob{suffix}"], row[f"answer_prob_full{suffix}"] = math.exp(r), math.exp(f)
             if not generation:
@@ -280,7 +430,15 @@ def periodic_eval(
     with full_weights() if full_weights is not None else contextlib.nullcontext():
         for task in config.tasks:
             items = load_task(task, config.limit, config.seed, files.get(task))
-            records = evaluate(model, tokenizer, items, config.batch_size, config.max_new_tokens, config.generation)
+            records = evaluate(
+                model,
+                tokenizer,
+                items,
+                config.batch_size,
+                config.max_new_tokens,
+                config.generation,
+                protocol=config.protocol,
+            )
             metrics.update({f"eval/{task}/{k}": v for k, v in summarize(records, config.generation).items()})
     metrics["time/eval"] = time.perf_counter() - started
     return metrics
@@ -316,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generation length for exact match")
     parser.add_argument("--no-generation", action="store_true", help="answer probability only (faster)")
     parser.add_argument("--thought-length", type=int, default=8, help="M for a model name (untrained thinking)")
+    parser.add_argument(
+        "--protocol",
+        choices=EVAL_PROTOCOLS,
+        default="default",
+        help="default: 'Question: ...\\nAnswer:' prompt; paper: the Quiet-STaR authors' 'Q: ...\\nA: ' protocol",
+    )
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: <checkpoint>/eval/<task>.json)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -333,7 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tqdm(total=len(items), desc=f"eval {args.task}", unit="item", file=sys.stderr) as bar:
         records = evaluate(
-            model, tokenizer, items, args.batch_size, args.max_new_tokens, not args.no_generation, bar.update
+            model,
+            tokenizer,
+            items,
+            args.batch_size,
+            args.max_new_tokens,
+            not args.no_generation,
+            bar.update,
+            protocol=args.protocol,
         )
     seconds = time.perf_counter() - started
     metrics = summarize(records, not args.no_generation)
@@ -341,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "task": args.task,
+        "protocol": args.protocol,
         "checkpoint": args.checkpoint,
         "items": len(records),
         "seed": args.seed,

@@ -16,7 +16,7 @@ import torch
 
 from qstar_rl.config import Config
 from qstar_rl.core.layout import valid_positions
-from qstar_rl.core.losses import quiet_star_loss, statistic_sums, statistics_from_sums
+from qstar_rl.core.losses import quiet_star_loss, statistic_sums, statistics_from_sums, truncated_importance_weights
 from qstar_rl.model import ThinkingLM
 from qstar_rl.rollout import ThoughtBatch, rollout
 
@@ -70,7 +70,11 @@ def learn_step(
 ) -> StepResult:
     """Score with gradients, losses, backward and one optimizer step over this rank's micro-batches
     (gradient accumulation), whoever sampled the thoughts. `policy_version` is the optimizer steps taken
-    by the weights about to be updated; thoughts sampled by older weights are stale by the difference."""
+    by the weights about to be updated; thoughts sampled by older weights are stale by the difference, and
+    their policy term is importance-corrected per token by min(p_learner / p_rollout, loss.is_cap)."""
+    # The learning phase starts here in every placement: rollout and evaluation leave the model in eval
+    # mode, and HF models load in eval mode, but activation checkpointing only runs in train mode.
+    engine.module.train()
     # Every loss is a sum over this rank's tokens divided by the global count of valid positions, times
     # world * accumulation to undo DeepSpeed's mean over ranks and micro-batches: the gradient is then
     # the gradient of the mean over the global batch, whatever the split.
@@ -84,6 +88,17 @@ def learn_step(
     learn_start = time.perf_counter()
     for t in thoughts:
         out = engine(t.input_ids, t.thought_ids, t.attention_mask)  # ScoreOutput, (B, R, T, ...)
+        if t.policy_version < policy_version:  # sampled by older weights (async rollout): correct for it
+            is_weight, is_clipped = truncated_importance_weights(
+                out.thought_logprobs, t.thought_logprobs, config.loss.is_cap
+            )  # (B, R, T, M) each, detached
+            token_weights = is_weight
+        else:
+            # On-policy: the ratio is 1 in exact arithmetic; the learner's recomputation differs from the
+            # rollout's by rounding, so it is not computed at all and the loss stays exactly plain REINFORCE.
+            is_weight = torch.ones_like(out.thought_logprobs)
+            is_clipped = torch.zeros_like(out.thought_logprobs, dtype=torch.bool)
+            token_weights = None
         loss = quiet_star_loss(
             out.base_logprobs,
             out.talk_logprobs,
@@ -93,12 +108,15 @@ def learn_step(
             policy_weight=config.loss.policy_weight,
             positive_advantage_only=config.loss.positive_advantage_only,
             num_valid=num_valid,
+            token_weights=token_weights,
         )
         engine.backward(loss.total * undo_mean)
         engine.step()  # DeepSpeed's protocol: every micro-batch; the update happens at the last one
         losses += torch.stack([loss.total, loss.policy, loss.nll_base, loss.nll_talk]).detach().double()
         gap = t.thought_logprobs - out.thought_logprobs.detach()  # (B, R, T, M)
-        step_sums = statistic_sums(loss.reward, loss.advantage, out.valid, gap, out.mixing_weight.detach())
+        step_sums = statistic_sums(
+            loss.reward, loss.advantage, out.valid, gap, out.mixing_weight.detach(), is_weight, is_clipped
+        )
         sums = step_sums if sums is None else sums + step_sums
         if not samples:
             samples = _samples(t, loss.reward, out.valid)

@@ -77,16 +77,24 @@ class MetricsLogger:
             self.wandb_run.log({"thoughts": table}, step=step)
 
     def _progress(self, step: int, m: dict[str, float]) -> None:
+        """One stderr line of the terms a person reads, after a progress bar: `step 7/20 | reward -4.12
+        var 1.23e-05 adv>0 50% | nll base 2.35 talk 2.41 | mix w 0.00123 | 812 tok/s eta 1m05s`. Not the
+        weighted total loss: its policy term, weighted 1e6 by default, hides everything else."""
         done = step - self._first_step
         elapsed = time.perf_counter() - self._started
         eta = elapsed / max(done, 1) * (self.total_steps - step)
-        width = 24
-        filled = int(width * step / max(self.total_steps, 1))
+        width = 16
+        filled = min(width, int(width * step / max(self.total_steps, 1)))
         bar = "#" * filled + "." * (width - filled)
+        frac = m.get("advantage/frac_positive")
+        positive = f"{100 * frac:.0f}%" if frac is not None and math.isfinite(frac) else _fmt(frac)
         line = (
-            f"[{bar}] step {step}/{self.total_steps} loss {_fmt(m.get('loss/total'))} "
-            f"reward {_fmt(m.get('reward/mean'))} var {_fmt(m.get('reward/var_within_position'))} "
-            f"nll {_fmt(m.get('loss/nll_base'))} tok/s {_fmt(m.get('perf/tokens_per_s'))} eta {eta:.0f}s"
+            f"[{bar}] step {step}/{self.total_steps}"
+            f" | reward {_fmt(m.get('reward/mean'))} var {_fmt(m.get('reward/var_within_position'))}"
+            f" adv>0 {positive}"
+            f" | nll base {_fmt(m.get('loss/nll_base'))} talk {_fmt(m.get('loss/nll_talk'))}"
+            f" | mix w {_fmt(m.get('mixing/weight_mean'))}"
+            f" | {_fmt(m.get('perf/tokens_per_s'))} tok/s eta {_duration(eta)}"
         )
         print(line, file=sys.stderr, flush=True)
 
@@ -111,9 +119,32 @@ def _drop_rows_after(path: Path, step: int) -> None:
 
 
 def _fmt(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
+    """Compact: 3 significant digits; scientific below 1e-3 (small variances and mixing weights) and from
+    1e6; whole numbers from 1000 (throughputs); '-' when the metric is missing."""
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
         return str(value)
-    return f"{value:.4g}"
+    size = abs(value)
+    if size == 0:
+        return "0"
+    if size < 1e-3 or size >= 1e6:
+        return f"{value:.2e}"
+    if size >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    """45s, 1m05s, 2h03m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def _start_wandb(config: Config, run_dir: Path, mode: str):

@@ -2,10 +2,10 @@
 
 This is the only module that touches transformers modelling code. The trick that makes it model-agnostic:
 a custom attention implementation ("qstar_branch") registered with transformers. In a plain forward it
-is SDPA. When a `BranchAttention` state object travels in the forward's kwargs (which transformers hands
-down to every attention call, also under gradient checkpointing), it records the text keys/values during
-the text pass and, during branch passes, makes the branch queries attend to those text keys plus their own
-branch (core/attention.py). So the text is encoded once, branches never copy it, and every model family
+is SDPA. When a pass object travels in the forward's kwargs (which transformers hands down to every
+attention call, also when gradient checkpointing recomputes a layer), a `TextPass` records the text
+keys/values, and a `BranchPass` makes the branch queries attend to those text keys plus their own branch
+(core/attention.py). So the text is encoded once, branches never copy it, and every model family
 that uses the attention interface works without patching its modelling file.
 """
 
@@ -40,31 +40,49 @@ THINKING_CONFIG = "thinking.json"
 _build_mask = contextvars.ContextVar("qstar_build_mask", default=True)
 
 
-class BranchAttention:
-    """Per-forward state of the branch attention: text K/V per layer and, while decoding, branch K/V."""
+class TextPass:
+    """The text pass's attention: plain SDPA that also records every layer's text keys/values (after RoPE).
 
-    def __init__(self, text_key_mask: torch.Tensor, num_thoughts: int, dense: bool = False) -> None:
+    The pass is named by the object itself, never by a flag that changes later: gradient checkpointing
+    re-runs a layer during backward with the kwargs of its first call, so a recomputed text layer must
+    still take this path. The first recording wins; a recompute sees the same values and must not replace
+    the tensors that the branch pass's autograd graph already holds.
+    """
+
+    def __init__(self, text_key_mask: torch.Tensor) -> None:
         self.text_key_mask = text_key_mask.bool()  # (B, T)
+        self.text_kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(self, module: nn.Module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+        self.text_kv.setdefault(module, (key, value))  # (B, Hkv, T, d) each
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+class BranchPass:
+    """A branch pass's attention: branch queries attend to the recorded text keys plus their own branch.
+
+    With `keep_branch_kv` (decoding, no gradients) each call appends its keys/values to those of the earlier
+    steps of the same branches; scoring feeds every step at once and keeps nothing, so a checkpointed
+    recompute sees exactly what the first call saw.
+    """
+
+    def __init__(self, text: TextPass, num_thoughts: int, dense: bool = False, keep_branch_kv: bool = False) -> None:
+        self.text = text
         self.num_thoughts = num_thoughts
         self.dense = dense
-        self.recording_text = True
-        self.keep_branch_kv = False
-        self.text_kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keep_branch_kv = keep_branch_kv
         self.branch_kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(self, module: nn.Module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-        if self.recording_text:
-            self.text_kv[module] = (key, value)  # (B, Hkv, T, d), after RoPE
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        if self.keep_branch_kv and module in self.branch_kv:  # decoding: earlier steps of the same branches
-            old_key, old_value = self.branch_kv[module]
-            key, value = torch.cat([old_key, key], dim=2), torch.cat([old_value, value], dim=2)
         if self.keep_branch_kv:
+            if module in self.branch_kv:  # decoding: earlier steps of the same branches
+                old_key, old_value = self.branch_kv[module]
+                key, value = torch.cat([old_key, key], dim=2), torch.cat([old_value, value], dim=2)
             self.branch_kv[module] = (key, value)
-        k_text, v_text = self.text_kv[module]
+        k_text, v_text = self.text.text_kv[module]
         attend = branch_attention_dense if self.dense else branch_attention
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = attend(query, k_text, v_text, key, value, self.text_key_mask, self.num_thoughts, scale)
+        out = attend(query, k_text, v_text, key, value, self.text.text_key_mask, self.num_thoughts, scale)
         return out.transpose(1, 2).contiguous(), None  # (B, N, H, d) as transformers expects
 
 
@@ -102,7 +120,11 @@ class ScoreOutput(NamedTuple):
 
 
 class ThinkingLM(nn.Module):
-    """A causal LM that thinks M tokens between <sot> and <eot> after every position (Quiet-STaR)."""
+    """A causal LM that thinks M tokens between <sot> and <eot> after every position (Quiet-STaR).
+
+    Wrapping switches the LM's dropout off (`disable_dropout`), so train and eval mode compute the same
+    function; train mode only turns on activation checkpointing where it is enabled.
+    """
 
     def __init__(self, lm: transformers.PreTrainedModel, thought: ThoughtConfig, tokenizer: Any = None) -> None:
         super().__init__()
@@ -117,7 +139,9 @@ class ThinkingLM(nn.Module):
         init = _meta_token_init(embeddings, thought, tokenizer)
         self.start_embedding = nn.Parameter(init.clone())  # (D,)
         self.end_embedding = nn.Parameter(init.clone())  # (D,)
-        self.mixing_head = MixingHead(embeddings.shape[1]).to(device=embeddings.device, dtype=embeddings.dtype)
+        head = MixingHead(embeddings.shape[1], init_std=getattr(lm.config, "initializer_range", 0.02))
+        self.mixing_head = head.to(device=embeddings.device, dtype=embeddings.dtype)
+        disable_dropout(lm)
 
     # ---- building blocks -------------------------------------------------------------------------
 
@@ -129,25 +153,24 @@ class ThinkingLM(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
 
-    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: BranchAttention):
-        """Text pass: (B, T) -> final hidden states (B, T, D); records every layer's K/V in `state`."""
+    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, TextPass]:
+        """Text pass: (B, T) -> final hidden states (B, T, D) and the TextPass holding every layer's K/V."""
         batch, seq_len = input_ids.shape
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
-        state.recording_text = True
+        text = TextPass(attention_mask)
         out = self.lm.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
             use_cache=False,
-            qstar_branch=state,
+            qstar_branch=text,
         )
-        state.recording_text = False
-        return out.last_hidden_state
+        return out.last_hidden_state, text
 
-    def _encode_branches(self, embeds: torch.Tensor, first_step: int, state: BranchAttention) -> torch.Tensor:
+    def _encode_branches(self, embeds: torch.Tensor, first_step: int, state: BranchPass) -> torch.Tensor:
         """Branch pass: embeds (B, S*R*T, D) for steps first_step.. -> final hidden states (B, S*R*T, D)."""
         batch = embeds.shape[0]
-        num_thoughts, seq_len = state.num_thoughts, state.text_key_mask.shape[1]
+        num_thoughts, seq_len = state.num_thoughts, state.text.text_key_mask.shape[1]
         steps = embeds.shape[1] // (num_thoughts * seq_len)
         positions = branch_position_ids(steps, num_thoughts, seq_len, first_step).to(embeds.device)
         token = _build_mask.set(False)
@@ -171,7 +194,7 @@ class ThinkingLM(nn.Module):
         """talk_hidden (B, K, R, t, D), base_hidden (B, K, 1, t, D) at i+s, targets (B, K, 1, t) x_{i+s+1}
         -> mixed log-probs and mixing weights, (B, K, R, t) each."""
         weight = self.mixing_head(base_hidden.expand_as(talk_hidden), talk_hidden)  # (B, K, R, t)
-        mixed = mix_logits(self._logits(base_hidden), self._logits(talk_hidden), weight)  # (B, K, R, t, V)
+        mixed = mix_logits(self._logits(base_hidden), self._logits(talk_hidden), weight)  # (B, K, R, t, V) fp32
         return token_logprobs(mixed, targets.expand(weight.shape)), weight
 
     def _per_position_chunks(self, fn, *tensors: torch.Tensor):
@@ -248,9 +271,8 @@ class ThinkingLM(nn.Module):
         tau = self.thought.sample_temperature if temperature is None else temperature
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        state = BranchAttention(attention_mask, num_thoughts, dense=self.thought.attention == "dense")
-        self._encode_text(input_ids, attention_mask, state)
-        state.keep_branch_kv = True
+        _, text = self._encode_text(input_ids, attention_mask)
+        state = BranchPass(text, num_thoughts, dense=self.thought.attention == "dense", keep_branch_kv=True)
         dtype = self.lm.get_input_embeddings().weight.dtype
         embeds = self.start_embedding.to(dtype).expand(batch, num_thoughts * seq_len, -1)  # (B, R*T, D)
         ids, logprobs = [], []
@@ -291,9 +313,8 @@ class ThinkingLM(nn.Module):
         talk_length = self.thought.talk_length
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        state = BranchAttention(attention_mask, num_thoughts, dense=self.thought.attention == "dense")
-
-        base_hidden = self._encode_text(input_ids, attention_mask, state)  # (B, T, D)
+        base_hidden, text = self._encode_text(input_ids, attention_mask)  # (B, T, D)
+        state = BranchPass(text, num_thoughts, dense=self.thought.attention == "dense")
         base_logprobs = torch.zeros(batch, seq_len, device=input_ids.device)
         base_logprobs[:, :-1] = token_logprobs(self._logits(base_hidden[:, :-1]), input_ids[:, 1:])
 
@@ -348,12 +369,49 @@ def _meta_token_init(embeddings: torch.Tensor, thought: ThoughtConfig, tokenizer
 
 # ---- model construction -------------------------------------------------------------------------
 
+
+def enable_activation_checkpointing(lm: transformers.PreTrainedModel) -> None:
+    """Recompute every decoder layer in backward (HF activation checkpointing, non-reentrant).
+
+    Non-reentrant matters: the reentrant variant runs the forward under no_grad, so the text keys/values that
+    the branch pass reads would carry no gradient and the text would learn nothing from the thoughts.
+    Checkpointing is active only while the LM is in train mode (the learner's phase, see `learning`).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20; the old name warns
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_dropout(lm: nn.Module) -> None:
+    """Set every dropout probability of the LM to 0 (dropout modules and the float `attention_dropout` of
+    attention modules), as RL trainers do: the learner must score the same policy that sampled the thoughts
+    (thought/logprob_gap ~ 0), and the branch attention has no dropout of its own."""
+    for module in lm.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 
 
-def tiny_lm(family: str, vocab_size: int = 97, hidden_size: int = 48, num_layers: int = 2, seed: int = 0):
+def tiny_lm(
+    family: str,
+    vocab_size: int = 97,
+    hidden_size: int = 48,
+    num_layers: int = 2,
+    seed: int = 0,
+    num_heads: int = 6,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_positions: int = 1024,
+):
     """A small random decoder-only model of the given family (grouped-query attention where the family
-    has it), for tests and benchmarks. Sizes are deliberately not powers of two."""
+    has it; GPT-2 has 4 heads), for tests and benchmarks. Sizes are deliberately not powers of two by
+    default; intermediate_size defaults to 2 * hidden_size + 8."""
     torch.manual_seed(seed)
     if family == "gpt2":
         config = transformers.GPT2Config(
@@ -361,7 +419,7 @@ def tiny_lm(family: str, vocab_size: int = 97, hidden_size: int = 48, num_layers
             n_embd=hidden_size,
             n_layer=num_layers,
             n_head=4,
-            n_positions=1024,
+            n_positions=max_positions,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
@@ -377,11 +435,11 @@ def tiny_lm(family: str, vocab_size: int = 97, hidden_size: int = 48, num_layers
         config = config_class(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size + 8,
+            intermediate_size=intermediate_size or 2 * hidden_size + 8,
             num_hidden_layers=num_layers,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_positions,
             tie_word_embeddings=family == "llama",
         )
         if family == "mistral":

@@ -56,9 +56,7 @@ def rollout(
     all-gather per layer at each of the M decode steps."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     generators = sequence_generators(seed, batch["window_ids"], input_ids.device)
-    was_training = model.training
-    model.eval()
+    model.eval()  # the sampling phase; the learner sets train mode where its phase starts (learn_step)
     with full_weights or nullcontext():
         thought_ids, logprobs = model.sample_thoughts(input_ids, attention_mask, generator=generators)
-    model.train(was_training)
     return ThoughtBatch(input_ids, attention_mask, thought_ids, logprobs, policy_version)

@@ -5,7 +5,17 @@ import torch
 
 from qstar_rl.core.attention import branch_attention, branch_attention_dense, dense_branch_mask
 from qstar_rl.core.layout import branch_length, branch_position_ids, gather_shifted, valid_positions
-from qstar_rl.core.losses import advantages, nll_losses, policy_loss, quiet_star_loss, reward_statistics, rewards
+from qstar_rl.core.losses import (
+    advantages,
+    nll_losses,
+    policy_loss,
+    quiet_star_loss,
+    reward_statistics,
+    rewards,
+    statistic_sums,
+    statistics_from_sums,
+    truncated_importance_weights,
+)
 from qstar_rl.core.mixing import MixingHead, mix_logits, token_logprobs
 
 
@@ -30,6 +40,65 @@ def test_policy_loss_by_hand():
     assert policy_loss(adv, logp, valid, num_valid=2).item() == pytest.approx(-0.25)
     # an invalid position contributes nothing
     assert policy_loss(adv, logp, torch.zeros(1, 1, dtype=torch.bool), num_valid=1).item() == 0.0
+
+
+def test_truncated_importance_weights_by_hand():
+    rollout = torch.tensor([-1.0, -2.0, -0.5, -3.0, -0.1, -4.0]).view(1, 2, 1, 3)  # (B, R, T, M)
+    ratios = torch.tensor([1.5, 3.0, 0.25, 20.0, 1.0, 1.0])
+    learner = (rollout.flatten() + ratios.log()).view(1, 2, 1, 3)
+    learner[0, 1, 0, 2] = 1000.0  # exp(1004) overflows float32: still the cap, and clipped
+    learner.requires_grad_(True)
+    weight, clipped = truncated_importance_weights(learner, rollout, cap=2.0)
+    assert weight.shape == clipped.shape == (1, 2, 1, 3)
+    torch.testing.assert_close(weight.flatten(), torch.tensor([1.5, 2.0, 0.25, 2.0, 1.0, 2.0]))
+    assert clipped.flatten().tolist() == [False, True, False, True, False, True]
+    assert not weight.requires_grad  # a weight on the gradient, never differentiated itself
+    # TRL's cap of 3 clips only the ratios above 3
+    weight3, clipped3 = truncated_importance_weights(learner, rollout, cap=3.0)
+    torch.testing.assert_close(weight3.flatten()[:4], torch.tensor([1.5, 3.0, 0.25, 3.0]))
+    assert clipped3.flatten().tolist() == [False, False, False, True, False, True]
+
+
+def test_policy_loss_with_token_weights_by_hand():
+    adv = torch.tensor([1.0, 0.5]).view(1, 2, 1)  # (B=1, R=2, T=1)
+    logp = torch.tensor([[-0.5, -1.0], [-2.0, -0.25]]).view(1, 2, 1, 2).requires_grad_(True)  # (B, R, T, M=2)
+    weights = torch.tensor([[2.0, 0.5], [1.0, 0.0]]).view(1, 2, 1, 2).requires_grad_(True)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    # -(2*1*-0.5 + 0.5*1*-1 + 1*0.5*-2 + 0*0.5*-0.25) / (1 position * 2 thoughts * 2 tokens) = 2.5 / 4
+    loss = policy_loss(adv, logp, valid, token_weights=weights)
+    assert loss.item() == pytest.approx(0.625)
+    loss.backward()
+    # d/d logp = -w * A / 4; the weights receive no gradient
+    torch.testing.assert_close(logp.grad.flatten(), torch.tensor([-0.5, -0.125, -0.125, 0.0]))
+    assert weights.grad is None
+    # without weights: exactly the unweighted loss, -(1*-1.5 + 0.5*-2.25) / 4
+    plain = policy_loss(adv, logp, valid)
+    assert plain.item() == pytest.approx(2.625 / 4)
+    assert torch.equal(plain, policy_loss(adv, logp, valid, token_weights=None))
+    # and quiet_star_loss hands the weights through
+    talk = torch.tensor([-1.0, -2.0]).view(1, 2, 1, 1)  # rewards -1, -2 -> advantages 0.5, 0
+    total = quiet_star_loss(torch.zeros(1, 1), talk, logp, valid, token_weights=weights)
+    by_hand = -(2.0 * 0.5 * -0.5 + 0.5 * 0.5 * -1.0) / 4
+    assert total.policy.item() == pytest.approx(by_hand)
+
+
+def test_importance_statistics_add_up_exactly_across_micro_batches():
+    reward = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).view(1, 2, 2)  # (B=1, R=2, T=2)
+    adv = advantages(reward, positive_only=False)
+    valid = torch.tensor([[True, False]])  # position 1 is not counted
+    weight = torch.tensor([[[1.5, 2.0], [7.0, 7.0]], [[0.25, 2.0], [7.0, 7.0]]]).view(1, 2, 2, 2)  # (B, R, T, M)
+    clipped = weight == 2.0
+    stale = statistic_sums(reward, adv, valid, is_weight=weight, is_clipped=clipped)
+    ones, none_clipped = torch.ones(1, 2, 2, 2), torch.zeros_like(clipped)
+    on_policy = statistic_sums(reward, adv, valid, is_weight=ones, is_clipped=none_clipped)
+    stats = statistics_from_sums(stale + on_policy)
+    # 4 stale tokens (1.5, 2, 0.25, 2; two clipped) and 4 on-policy tokens of weight 1 at the valid position
+    assert stats["policy/is_weight_mean"] == pytest.approx((1.5 + 2.0 + 0.25 + 2.0 + 4.0) / 8)
+    assert stats["policy/is_clipped_frac"] == pytest.approx(2 / 8)
+    assert statistics_from_sums(on_policy)["policy/is_weight_mean"] == 1.0
+    assert statistics_from_sums(on_policy)["policy/is_clipped_frac"] == 0.0
+    unmeasured = reward_statistics(reward, adv, valid)
+    assert unmeasured["policy/is_weight_mean"] != unmeasured["policy/is_weight_mean"]  # NaN: nothing measured
 
 
 def test_nll_losses_and_total_by_hand():

@@ -73,6 +73,7 @@ def test_ray_job_submit_trains_like_the_deepspeed_path(cluster, reference, tmp_p
     run_dir = tmp_path / "run"
     entrypoint = ["python", "-m", "qstar_rl.ray_train", "--config", "qstar_rl/configs/tiny.yaml"]
     entrypoint += [f"train.run_dir={run_dir}", "train.steps=3", "train.checkpoint_every=3", *RAY_ARGS]
+    entrypoint += ["model.gradient_checkpointing=true"]  # learner-only actors checkpoint too (train mode)
     submit = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT)]
     submit += ["--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--", *entrypoint]
     proc = subprocess.run(submit, cwd=ROOT, env=cluster_env(), capture_output=True, text=True, timeout=600)
@@ -164,7 +165,8 @@ def test_a_killed_rollout_actor_restarts_from_the_last_checkpoint(cluster, refer
 
 
 def test_colocated_placement_trains_like_the_deepspeed_path(cluster, reference, tmp_path):
-    proc = ray_train(cluster, tmp_path / "run", "train.steps=2", "cluster.colocate=true", *EVAL)
+    checkpointing = "model.gradient_checkpointing=true"
+    proc = ray_train(cluster, tmp_path / "run", "train.steps=2", "cluster.colocate=true", checkpointing, *EVAL)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "colocated rollout" in (tmp_path / "run" / "train.log").read_text()
     rows = metrics(tmp_path / "run")
@@ -180,5 +182,7 @@ def test_async_rollout_is_at_most_one_version_stale(cluster, tmp_path):
     assert [r["policy/staleness"] for r in rows] == [0, 1, 1]
     assert abs(rows[0]["thought/logprob_gap"]) < 1e-4
     assert abs(rows[1]["thought/logprob_gap"]) > 1e-4, "stale thoughts: rollout and learner log-probs differ"
+    assert rows[0]["policy/is_weight_mean"] == 1.0 and rows[0]["policy/is_clipped_frac"] == 0.0  # on-policy
+    assert all(r["policy/is_weight_mean"] != 1.0 for r in rows[1:]), "stale thoughts are importance-weighted"
     assert all(math.isfinite(r["loss/total"]) for r in rows)
     assert [r["policy/version"] for r in rows] == [0, 0, 1], "the version that sampled each step's thoughts"

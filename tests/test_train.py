@@ -83,7 +83,8 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(run_dir, "train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1", *EVAL)
+    overrides = ["train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1"]
+    train(run_dir, *overrides, "model.gradient_checkpointing=true", *EVAL)  # the tiny config, checkpointing on
     return run_dir
 
 
@@ -96,6 +97,7 @@ def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
         assert math.isfinite(row["loss/total"]) and row["optim/grad_norm"] > 0
         assert abs(row["thought/logprob_gap"]) < 1e-4  # rollout and learner agree on the same weights
     assert "ZeRO-3: rank 0 holds" in (tiny_run / "train.log").read_text()
+    assert "activation checkpointing on" in (tiny_run / "train.log").read_text()
     run_files = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, "wandb ran offline inside the run directory"
     logged = [r for r in history(run_files[0]) if "reward/mean" in r]
@@ -112,12 +114,13 @@ def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
     assert [r["_step"] for r in logged if EVAL_KEYS[0] in r] == [2, 3], "eval metrics reach wandb"
 
 
-def test_two_zero3_ranks_match_one_rank(tmp_path):
+def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(tmp_path):
     overrides = ["train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4", *EVAL]
     one = tmp_path / "one"
     train(one, *overrides)  # 1 rank, 2 accumulation micro-batches
     two = tmp_path / "two"
-    proc = train(two, *overrides, ranks=2)  # 2 ranks, 1 micro-batch each
+    proc = train(two, *overrides, "model.gradient_checkpointing=true", ranks=2)  # 2 ranks, 1 micro-batch each
+    assert "activation checkpointing on" in (two / "train.log").read_text()
     assert "ZeRO-3: rank 0 holds" in (two / "train.log").read_text()
     held = next(line for line in (two / "train.log").read_text().splitlines() if "holds" in line)
     assert "(50.0%)" in held or "(49." in held or "(50." in held, held  # parameters really partitioned
@@ -239,3 +242,33 @@ def test_export_then_reload_gives_the_same_scores(tiny_run, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         texts.append(proc.stdout)
     assert texts[0] == texts[1] and texts[0].startswith("To be<|")
+
+
+def test_the_paper_config_shrunk_to_a_tiny_model_trains_in_bf16_with_checkpointing(tmp_path):
+    """qstar_rl/configs/mistral7b_openwebmath.yaml with only the model, the data and the sizes shrunk: its
+    keys (bf16, activation checkpointing, R=2, M=9, K=4, lr 1e-6, policy weight 1e6, warm-up 20) run."""
+    corpus = tmp_path / "openwebmath.jsonl"  # OpenWebMath's schema: text (+ url, metadata)
+    docs = [
+        {
+            "text": f"Let $x = {a}$. Then $x^2 = {a * a}$ and $2x = {2 * a}$, so $x^2 + 2x = {a * a + 2 * a}$.",
+            "url": "u",
+        }
+        for a in range(3, 40)
+    ]
+    corpus.write_text("\n".join(json.dumps(d) for d in docs))
+    run_dir = tmp_path / "paper"
+    paper = ROOT / "qstar_rl" / "configs" / "mistral7b_openwebmath.yaml"
+    overrides = ["model.name=tiny-mistral", f"data.source={corpus}", "data.seq_len=24", "train.steps=2"]
+    overrides += ["train.global_batch_size=2", "wandb.mode=offline", f"train.run_dir={run_dir}"]
+    overrides += ["eval.tasks=", "eval.every_steps=0"]  # GSM8K / CommonsenseQA come from the hub
+    cmd = [sys.executable, "-m", "qstar_rl.train", "--config", str(paper), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    log = (run_dir / "train.log").read_text()
+    assert "(bfloat16, activation checkpointing on)" in log and "R=2, M=9, K=4" in log
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in DETERMINISTIC), row
+        assert abs(row["thought/logprob_gap"]) < 0.05  # bf16 rollout vs bf16 learner, same weights
+        assert row["optim/skipped_steps"] == 0
