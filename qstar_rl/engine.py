@@ -6,27 +6,94 @@ loopback). `PlainEngine` offers the DeepSpeed engine's small interface on one pr
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from qstar_rl.config import Config, deepspeed_batch_settings
-from qstar_rl.model import ThinkingLM, load_lm
+from qstar_rl.model import ThinkingLM, enable_activation_checkpointing, load_lm
 
 if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""x86 CPU flags (as /proc/cpuinfo names them) of native bf16 matrix instructions: AVX512-BF16 (Zen 4+, Cooper
+Lake, Sapphire Rapids) and AMX-BF16 (Sapphire Rapids+). oneDNN uses them for bf16 matmuls, about twice fp32's speed
+(measured on Zen 4: 214 vs 99 GFLOP/s per thread); without them bf16 is converted to fp32 and is slower."""
+
+
+def cpu_flags() -> frozenset[str]:
+    """This machine's x86 CPU flags from /proc/cpuinfo (empty where there is none, e.g. macOS, or no flags line).
+
+    torch.backends.cpu.get_cpu_capability() only tells the vector width it dispatches to ('AVX512' on Zen 4 with
+    or without AVX512-BF16), so it cannot tell whether bf16 matmuls are native."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def bf16_pays(device: torch.device, flags: Iterable[str] | None = None) -> bool:
+    """Whether bf16 compute beats fp32 on `device`: a CUDA GPU with native bf16 (Ampere or later; emulated bf16 on
+    older GPUs is slower than fp32), or a CPU with native bf16 matmuls (`flags`, default this machine's, contains
+    one of BF16_CPU_FLAGS). Anything else (other accelerators, ARM CPUs, whose bf16 speed depends on the build)
+    stays fp32: set model.dtype explicitly there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return not BF16_CPU_FLAGS.isdisjoint(cpu_flags() if flags is None else flags)
+    return False
+
+
+def compute_device() -> torch.device:
+    """The device this process computes on (Ray and the launchers make a rank's GPU its current device)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device | None = None, flags: Iterable[str] | None = None) -> str:
+    """model.dtype made concrete: 'auto' becomes 'bfloat16' where `bf16_pays` on `device` (default: this process's
+    compute device), else 'float32'; 'float32' and 'bfloat16' stay. Call it in the process that computes: under
+    Ray, the driver may run on a CPU head node while the learners run on GPUs."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if bf16_pays(device or compute_device(), flags) else "float32"
+
+
+def with_resolved_dtype(config: Config) -> Config:
+    """A copy of config whose model.dtype is resolved on this machine (see `resolve_dtype`)."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=resolve_dtype(config.model.dtype)))
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def prebuild_deepspeed_ops() -> None:
+    """Compile DeepSpeed's shared-memory comm op into torch's JIT cache now (`make setup` calls this once).
+
+    DeepSpeed's TorchBackend builds that op whenever a process group starts, even at world size 1 where nothing
+    uses it, and compiling it takes 20-55 s on 2 cores (more when they are busy); later starts load it from the cache
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Building it here, with DeepSpeed's own function,
+    moves that wait to the install instead of the first run, without patching DeepSpeed. Where the accelerator
+    has no such op (CUDA) it builds nothing."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -96,17 +163,59 @@ def lr_multiplier(config: Config) -> Callable[[int], float]:
     return factor
 
 
-def deepspeed_config(config: Config, world_size: int, ds_json: dict | None = None) -> dict:
+ONE_RANK_ZERO3 = {
+    # At one rank ZeRO-3 "gathers" a parameter as a view of the rank's own partition (no copy, no extra memory),
+    # so releasing parameters after use saves nothing: keep every one resident, and the per-module fetch/release
+    # bookkeeping has nothing to do.
+    "stage3_param_persistence_threshold": 2**62,
+    # Before releasing a module's parameters ZeRO-3 scans the recorded module trace ahead for reuses, up to this
+    # many parameters. With the shipped 1e9 that scan covers the whole trace (the rollout's M decode steps make it
+    # long) at every release: quadratic, and redone whenever the trace is recorded anew (SmolLM2's steps 2 and 3
+    # took 22-24 s instead of 14 s in bench/zero3_tax.py). There is no gather to save by reusing at one rank.
+    "stage3_max_reuse_distance": 0,
+    "stage3_prefetch_bucket_size": 0,  # every parameter is resident: nothing to prefetch
+    # At one rank "reducing" a gradient is a copy into this rank's partition. The reduce bucket is allocated whole
+    # (the shipped 5e7 elements are 191 MiB in fp32), and contiguous_gradients would copy each gradient into it
+    # first: a small bucket, gradients copied once.
+    "reduce_bucket_size": 10**7,
+    "contiguous_gradients": False,
+    "overlap_comm": False,  # no communication to overlap (on GPUs it would add a side stream and its buffers)
+    # DeepSpeed's own Linear autograd function re-gathers partitioned weights in backward; with every weight
+    # resident it is only a Python layer around matmul at each of the hundreds of linear calls of a step.
+    "memory_efficient_linear": False,
+}
+"""ZeRO-3 settings for world size 1 (`deepspeed_config`), where ZeRO-3 has nobody to partition with: they remove
+what the multi-rank machinery costs there (bench/zero3_tax.py measures it against a plain torch AdamW)."""
+
+
+def one_rank_zero3(zero: dict) -> dict:
+    """A zero_optimization section with ONE_RANK_ZERO3 applied. With offload_param the parameters are meant to
+    live in CPU memory between uses, so residency and the re-gathering Linear stay as configured."""
+    settings = dict(ONE_RANK_ZERO3)
+    if (zero.get("offload_param") or {}).get("device", "none") != "none":
+        for key in ("stage3_param_persistence_threshold", "memory_efficient_linear"):
+            settings.pop(key)
+    return {**zero, **settings}
+
+
+def deepspeed_config(
+    config: Config, world_size: int, ds_json: dict | None = None, *, one_rank_settings: bool = True
+) -> dict:
     """The DeepSpeed JSON (read from deepspeed.config unless given) with batch sizes, clipping and
-    precision filled from the config (the one place they are decided)."""
+    precision filled from the config (the one place they are decided), and at world size 1 the ZeRO-3 settings
+    of `one_rank_zero3` (more ranks, or one_rank_settings=False for a comparison, get the JSON's ZeRO knobs)."""
     ds = dict(ds_json) if ds_json is not None else json.loads(Path(config.deepspeed.config).read_text())
     ds.update(deepspeed_batch_settings(config, world_size))
-    ds["bf16"] = {"enabled": config.model.dtype == "bfloat16"}
+    ds["bf16"] = {"enabled": resolve_dtype(config.model.dtype) == "bfloat16"}  # fp32 master weights either way
     ds.pop("fp16", None)
+    if world_size == 1 and one_rank_settings:
+        ds["zero_optimization"] = one_rank_zero3(ds.get("zero_optimization", {}))
     return ds
 
 
-def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None):
+def make_deepspeed_engine(
+    model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None, *, one_rank_settings: bool = True
+):
     """(engine, full_weights) where full_weights() gathers every ZeRO-3 partition for rollout."""
     import deepspeed
 
@@ -115,7 +224,10 @@ def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size, ds_json)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, world_size, ds_json, one_rank_settings=one_rank_settings),
     )
     params = list(model.parameters())
 
@@ -126,13 +238,17 @@ def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds
     return engine, full_weights
 
 
-def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None):
+def build_thinking_engine(
+    config: Config, world_size: int, ds_json: dict | None = None, *, one_rank_settings: bool = True
+):
     """(model, tokenizer, engine, full_weights): the configured LM wrapped in ThinkingLM under ZeRO-3."""
     lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
     if config.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm)
     model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
-    engine, full_weights = make_deepspeed_engine(model, config, world_size, ds_json)
+    engine, full_weights = make_deepspeed_engine(
+        model, config, world_size, ds_json, one_rank_settings=one_rank_settings
+    )
     return model, tokenizer, engine, full_weights
 
 

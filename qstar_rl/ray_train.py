@@ -17,6 +17,7 @@ last checkpoint while cluster.max_restarts allows.
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -283,6 +284,8 @@ class ActorGroup:
         pending_rollouts = [Named(f"rollout-{i}", a.setup.remote()) for i, a in enumerate(self.rollouts)]
         folder = str(resume_from) if resume_from else None
         steps = self.on_learners("setup", master_addr, master_port, folder, timeout=startup)
+        rank0_dtype = Named("learner-0", self.learners[0].model_dtype.remote())
+        self.model_dtype: str = wait_all([rank0_dtype], startup, "model_dtype")[0]  # model.dtype as resolved there
         wait_all(pending_rollouts, startup, "setup")
         if len(set(steps)) != 1:
             raise ActorFailure(f"learners resumed at different steps {steps}")
@@ -381,11 +384,15 @@ def run_attempt(config: Config, resume: bool, restarts: int) -> None:
         step = group.setup(latest)
         if step != state.step:
             raise ActorFailure(f"learners resumed at step {step}, the run state says {state.step}")
+        # model.dtype as the learners resolved it on their own devices (the driver may be a CPU head node)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=group.model_dtype))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         if group.rollouts:
             wait_all(group.push_weights(step), cluster.step_timeout_s, "load_weights")
         log.info(
-            "ray-train %s: %d learners, %s, started in %.1f s%s",
+            "ray-train %s (%s): %d learners, %s, started in %.1f s%s",
             config.model.name,
+            config.model.dtype,
             cluster.learners,
             "colocated rollout" if cluster.colocate else f"{len(group.rollouts)} rollout workers",
             time.perf_counter() - start,

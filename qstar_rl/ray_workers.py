@@ -19,7 +19,14 @@ import torch
 
 from qstar_rl import checkpoint
 from qstar_rl.config import Config, config_to_dict
-from qstar_rl.engine import all_reduce_sum, build_thinking_engine, free_port, init_distributed, partition_report
+from qstar_rl.engine import (
+    all_reduce_sum,
+    build_thinking_engine,
+    free_port,
+    init_distributed,
+    partition_report,
+    with_resolved_dtype,
+)
 from qstar_rl.eval import periodic_eval
 from qstar_rl.learner import StepResult, learn_step, train_step
 from qstar_rl.model import ThinkingLM, load_lm
@@ -63,6 +70,8 @@ class LearnerWorker:
             MASTER_PORT=str(master_port),
         )
         init_distributed()
+        # model.dtype 'auto' is decided by this actor's device, not the driver's (which may be a CPU head node).
+        self.config = with_resolved_dtype(self.config)
         torch.manual_seed(self.config.train.seed)
         self.model, self.tokenizer, self.engine, self.full_weights = build_thinking_engine(
             self.config, self.world_size, self.ds_json
@@ -75,6 +84,10 @@ class LearnerWorker:
             checkpoint.restore_rngs(state)
             self.step = state.step
         return self.step
+
+    def model_dtype(self) -> str:
+        """The compute dtype this rank resolved model.dtype to in `setup` (the driver records rank 0's)."""
+        return self.config.model.dtype
 
     def learn(self, thought_refs: list[ray.ObjectRef], policy_version: int) -> StepResult:
         """One optimizer step on this rank's micro-batches, sampled by the rollout actors."""
@@ -147,6 +160,8 @@ class RolloutWorker:
         _quiet_logging(f"rollout-{index}")
 
     def setup(self) -> None:
+        """Load the model in the compute dtype that model.dtype resolves to on this actor's device."""
+        self.config = with_resolved_dtype(self.config)
         dtype = torch.bfloat16 if self.config.model.dtype == "bfloat16" else torch.float32
         lm, tokenizer = load_lm(self.config.model.name, seed=self.config.train.seed)
         self.model = ThinkingLM(lm, self.config.thought, tokenizer=tokenizer).to(_device(), dtype).eval()

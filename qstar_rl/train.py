@@ -24,7 +24,13 @@ import yaml
 from qstar_rl import checkpoint
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
 from qstar_rl.data import DataStats, WindowStream
-from qstar_rl.engine import all_reduce_sum, build_thinking_engine, init_distributed, partition_report
+from qstar_rl.engine import (
+    all_reduce_sum,
+    build_thinking_engine,
+    init_distributed,
+    partition_report,
+    with_resolved_dtype,
+)
 from qstar_rl.eval import eval_due, periodic_eval
 from qstar_rl.learner import StepResult, train_step
 from qstar_rl.metrics import MetricsLogger
@@ -85,6 +91,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def train(config: Config, resume: bool = True) -> Path:
     """Run (or resume) training; returns the run directory."""
     rank, world, local_rank = init_distributed()
+    config = with_resolved_dtype(config)  # 'auto' -> this rank's device decides; config.yaml records the outcome
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, rank)
@@ -110,8 +117,11 @@ def train(config: Config, resume: bool = True) -> Path:
     batches = stream.batches(config.train.micro_batch_size)
     logger = MetricsLogger(config, run_dir, rank, resumed_step=state.step)
     log.info(
-        "training %s: %d steps, world %d, B=%d, accumulation %d, T=%d, R=%d, M=%d, K=%d",
+        "training %s (%s, activation checkpointing %s): %d steps, world %d, B=%d, accumulation %d, T=%d, R=%d, "
+        "M=%d, K=%d",
         config.model.name,
+        config.model.dtype,
+        "on" if config.model.gradient_checkpointing else "off",
         config.train.steps,
         world,
         config.train.micro_batch_size,

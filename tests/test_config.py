@@ -67,6 +67,15 @@ def test_all_semantic_problems_at_once(tmp_path):
     assert any("train_micro_batch_size_per_gpu=4" in p for p in problems)
 
 
+def test_model_dtype_is_auto_by_default_and_a_bad_one_is_a_listed_problem():
+    assert load_config(None).model.dtype == "auto"
+    for dtype in ("auto", "float32", "bfloat16"):
+        assert validate(load_config(None, [f"model.dtype={dtype}"])) == []
+    problems = validate(load_config(None, ["model.dtype=fp16", "train.steps=0"]))
+    assert "model.dtype: must be one of auto, float32, bfloat16, got 'fp16'" in problems
+    assert any(p.startswith("train.steps") for p in problems)  # listed with the others, not alone
+
+
 def test_deepspeed_json_must_exist_and_leave_the_optimizer_to_us(tmp_path):
     assert "no such file" in validate(load_config(None, ["deepspeed.config=/nope.json"]))[0]
     ds = tmp_path / "ds.json"

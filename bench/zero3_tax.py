@@ -1,0 +1,165 @@
+"""The ZeRO-3 tax at one rank: a full training step under DeepSpeed ZeRO-3 against the same step with a plain
+torch AdamW (`qstar_rl.engine.PlainEngine`), same model, same data, same thoughts.
+
+    python bench/zero3_tax.py            # SmolLM2-135M fp32, T=64, R=2, M=5, K=4, B=1 (CPU: ~5 min on 2 cores),
+                                         # writes bench/results/zero3_tax.json
+    python bench/zero3_tax.py --quick    # tiny model (smoke test)
+
+Engines (`KINDS`): `zero3` is the trainer's engine (`engine.build_thinking_engine`, so at one rank with
+`engine.ONE_RANK_ZERO3`); `zero3-json` the same with the DeepSpeed JSON's ZeRO knobs as shipped (what one rank
+ran before those settings); `plain` is PlainEngine over the same model.
+
+A step is the trainer's own `learner.train_step` (rollout with the gathered weights, score with gradients,
+losses, backward, optimizer step), built from qstar_rl/configs/default.yaml with the sizes above and
+`model.dtype=float32` (PlainEngine has no mixed precision). Each engine runs in a fresh subprocess at world size
+1; its time is the median of the steps after the first two (warm-up: the Adam moments, allocator growth), and
+`worst_s` the slowest step after the first; its peak the process's resident-set high-water mark over the steps
+after the first two (reset through /proc/self/clear_refs right after the warm-up; glibc told to return freed
+blocks at once), or on GPU torch.cuda.max_memory_allocated. The peak is absolute: weights, gradients and
+optimizer state count, since they are what the tax is about. Other processes on the machine skew the times
+(`cpu_s`, the process's CPU seconds, less so): compare the rows of one run.
+
+`measure_engine(kind, overrides)` measures one engine in the calling process; `run_engine(kind, overrides)`
+does it in a fresh subprocess (what a comparison should use).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
+
+from qstar_rl.config import Config, load_config
+from qstar_rl.data import WindowStream
+from qstar_rl.engine import PlainEngine, all_reduce_sum, build_thinking_engine, init_distributed, resolve_dtype
+from qstar_rl.learner import train_step
+from qstar_rl.model import ThinkingLM, enable_activation_checkpointing, load_lm
+
+ROOT = Path(__file__).parents[1]
+DEFAULT = ROOT / "qstar_rl" / "configs" / "default.yaml"
+KINDS = ("zero3", "zero3-json", "plain")
+STEP = ["data.seq_len=64", "thought.num_thoughts=2", "thought.length=5", "thought.talk_length=4", "model.dtype=float32"]
+"""The step the issue measured: SmolLM2-135M (the default config's model), fp32, T=64, R=2, M=5, K=4, B=1."""
+QUICK = ["model.name=tiny-llama", "data.seq_len=24"]
+WARMUP_STEPS = 2
+
+
+def build(kind: str, config: Config):
+    """(model, tokenizer, engine, full_weights, world) for one of KINDS."""
+    if kind.startswith("zero3"):
+        _, world, _ = init_distributed()
+        one_rank_settings = kind == "zero3"
+        model, tokenizer, engine, full_weights = build_thinking_engine(
+            config, world, one_rank_settings=one_rank_settings
+        )
+        return model, tokenizer, engine, full_weights, world
+    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
+    if config.model.gradient_checkpointing:
+        enable_activation_checkpointing(lm)
+    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer).to(_device())
+    return model, tokenizer, PlainEngine(model, config), None, 1
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def measure_engine(kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None) -> dict:
+    """Time and peak memory of `steps` full training steps of engine `kind` (one of KINDS) in this process,
+    on the default config plus `overrides`. Run it in a fresh process (see `run_engine`): the peak is the
+    process's, and DeepSpeed's process group stays for the rest of the process."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if steps <= WARMUP_STEPS:
+        raise ValueError(f"steps must exceed the {WARMUP_STEPS} warm-up steps, got {steps}")
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="qbench") as tmp:
+        config = load_config(DEFAULT, [*overrides, f"train.steps={steps}", f"train.run_dir={tmp}"])
+        torch.manual_seed(config.train.seed)
+        model, tokenizer, engine, full_weights, world = build(kind, config)
+        device = _device()
+        batches = WindowStream(config.data, tokenizer, seed=config.train.seed).batches(config.train.micro_batch_size)
+        seconds, cpu_seconds, losses, phases = [], [], [], []
+        for step in range(steps):
+            if step == WARMUP_STEPS:  # the peak of the measured steps only
+                reset_peak()
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            start, cpu_start = time.perf_counter(), time.process_time()
+            result = train_step(engine, model, [batch], config, step, all_reduce_sum, world, full_weights)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
+            losses.append(result.metrics["loss/total"])
+            phases.append((result.metrics["time/rollout"], result.metrics["time/learn"]))
+        peak_bytes = peak()  # absolute: weights, gradients and optimizer state included
+    return {
+        "engine": kind,
+        "dtype": "float32" if kind == "plain" else resolve_dtype(config.model.dtype),  # PlainEngine: fp32 only
+        "threads": torch.get_num_threads(),
+        "step_s": statistics.median(seconds[WARMUP_STEPS:]),
+        "worst_s": max(seconds[1:]),
+        # CPU seconds of all the process's threads: less sensitive than wall time to other processes sharing the
+        # cores (on a GPU it misses the device time; read step_s there)
+        "cpu_s": statistics.median(cpu_seconds[WARMUP_STEPS:]),
+        "rollout_s": statistics.median(p[0] for p in phases[WARMUP_STEPS:]),
+        "learn_s": statistics.median(p[1] for p in phases[WARMUP_STEPS:]),
+        "peak_mib": peak_bytes / 2**20,
+        "peak_of": "cuda_allocated" if cuda else "rss",
+        "loss_step1": losses[0],
+        "step_times": seconds,
+        "cpu_times": cpu_seconds,
+        "losses": losses,
+    }
+
+
+def run_engine(kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None) -> dict:
+    """`measure_engine` in a fresh single-process subprocess (bench/common.py's measuring allocator settings)."""
+    return run_point(__file__, {"kind": kind, "overrides": list(overrides), "steps": steps, "threads": threads})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, T=24 (smoke test)")
+    parser.add_argument("--steps", type=int, default=5, help=f"steps per engine, the first {WARMUP_STEPS} not timed")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per engine")
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS / "zero3_tax.json"))
+    parser.add_argument("overrides", nargs="*", help="extra dotted.key=value for every engine")
+    args = parser.parse_args()
+    if args.point:
+        spec = json.loads(args.point)
+        print(json.dumps(measure_engine(spec["kind"], spec["overrides"], spec["steps"], spec["threads"])))
+        return
+    overrides = [*STEP, *(QUICK if args.quick else []), *args.overrides]
+    rows = {kind: run_engine(kind, overrides, args.steps, args.threads) for kind in KINDS}
+    plain = rows["plain"]
+    ratios = {}
+    for kind, name in (("zero3", "zero3"), ("zero3-json", "zero3_json")):
+        ratios[f"{name}_over_plain_time"] = rows[kind]["step_s"] / plain["step_s"]
+        ratios[f"{name}_over_plain_peak_rss"] = rows[kind]["peak_mib"] / plain["peak_mib"]
+    print_table(
+        f"world size 1, one full step (median of {args.steps - WARMUP_STEPS} after {WARMUP_STEPS} warm-up), "
+        f"{args.threads} threads: " + " ".join(overrides),
+        list(rows.values()),
+        ["engine", "dtype", "step_s", "worst_s", "cpu_s", "rollout_s", "learn_s", "peak_mib", "loss_step1"],
+    )
+    for name in ("zero3", "zero3_json"):
+        print(
+            f"\n{name} / plain: time {ratios[f'{name}_over_plain_time']:.3f}x (target <= 1.05), "
+            f"peak memory {ratios[f'{name}_over_plain_peak_rss']:.3f}x (target <= 1.2)"
+        )
+    command = " ".join(["python", "bench/zero3_tax.py", *sys.argv[1:]])
+    write_results(args.out, command=command, overrides=overrides, rows=list(rows.values()), **ratios)
+
+
+if __name__ == "__main__":
+    main()

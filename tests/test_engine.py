@@ -1,0 +1,129 @@
+"""engine.py: where model.dtype 'auto' lands, and the DeepSpeed settings that make ZeRO-3 free at one rank."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qstar_rl.config import load_config
+from qstar_rl.engine import BF16_CPU_FLAGS, ONE_RANK_ZERO3, deepspeed_config, resolve_dtype, with_resolved_dtype
+
+ROOT = Path(__file__).parents[1]
+CPU = torch.device("cpu")
+
+
+def cpuinfo_has_bf16() -> bool:
+    """Read independently of engine.cpu_flags: a 'flags' line of /proc/cpuinfo naming avx512_bf16 or amx_bf16."""
+    path = Path("/proc/cpuinfo")
+    text = path.read_text() if path.is_file() else ""
+    return re.search(r"^flags\s*:.*\b(avx512_bf16|amx_bf16)\b", text, flags=re.MULTILINE) is not None
+
+
+def test_auto_is_bf16_on_this_cpu_exactly_when_proc_cpuinfo_lists_native_bf16():
+    expected = "bfloat16" if cpuinfo_has_bf16() else "float32"
+    assert resolve_dtype("auto", CPU) == expected
+    config = with_resolved_dtype(load_config(None, ["model.dtype=auto"]))
+    if not torch.cuda.is_available():  # the process computes on this CPU
+        assert config.model.dtype == expected
+    assert load_config(None).model.dtype == "auto"  # the default; resolving made a copy
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ({"fpu", "avx2", "avx512f", "avx512bw", "avx512_vnni"}, "float32"),  # AVX-512 without BF16 (e.g. Ice Lake)
+        ({"avx2", "fma"}, "float32"),
+        (set(), "float32"),  # no flags line (e.g. not Linux)
+        ({"avx512f", "avx512_bf16"}, "bfloat16"),  # Zen 4, Cooper Lake
+        ({"avx512f", "amx_tile", "amx_bf16"}, "bfloat16"),  # Sapphire Rapids
+    ],
+)
+def test_auto_follows_the_cpu_flags(flags, expected):
+    assert resolve_dtype("auto", CPU, flags) == expected
+
+
+def test_explicit_dtypes_are_kept_and_other_devices_stay_fp32():
+    for flags in (set(), set(BF16_CPU_FLAGS)):
+        assert resolve_dtype("float32", CPU, flags) == "float32"
+        assert resolve_dtype("bfloat16", CPU, flags) == "bfloat16"
+    assert resolve_dtype("auto", torch.device("meta"), BF16_CPU_FLAGS) == "float32"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepspeed_bf16_follows_the_dtype(dtype):
+    config = load_config(None, [f"model.dtype={dtype}"])
+    assert deepspeed_config(config, world_size=1)["bf16"] == {"enabled": dtype == "bfloat16"}
+
+
+def zero_section(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())["zero_optimization"]
+
+
+@pytest.mark.parametrize("path", ["ds_configs/zero3.json", "ds_configs/zero3_test.json"])
+def test_one_rank_gets_the_one_rank_zero3_settings_and_more_ranks_the_json(path):
+    config = load_config(None, [f"deepspeed.config={path}", "train.global_batch_size=2", "train.micro_batch_size=1"])
+    one = deepspeed_config(config, world_size=1)["zero_optimization"]
+    assert one == {**zero_section(path), **ONE_RANK_ZERO3}
+    assert one["stage"] == 3  # still ZeRO-3
+    assert deepspeed_config(config, world_size=2)["zero_optimization"] == zero_section(path)
+
+
+def test_one_rank_settings_keep_offloaded_parameters_offloaded_and_leave_the_given_json_alone():
+    ds_json = json.loads((ROOT / "ds_configs/zero3_offload.json").read_text())
+    before = json.dumps(ds_json)
+    zero = deepspeed_config(load_config(None), world_size=1, ds_json=ds_json)["zero_optimization"]
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert (
+        zero["stage3_param_persistence_threshold"] == ds_json["zero_optimization"]["stage3_param_persistence_threshold"]
+    )
+    assert "memory_efficient_linear" not in zero
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["reduce_bucket_size"] == ONE_RANK_ZERO3["reduce_bucket_size"]
+    assert json.dumps(ds_json) == before
+
+
+@pytest.mark.slow
+def test_zero3_at_one_rank_trains_like_plain_adamw_and_the_tax_benchmark_runs(tmp_path):
+    """bench/zero3_tax.py --quick: ZeRO-3 with the one-rank settings, with the JSON's knobs, and PlainEngine take
+    the same steps on the tiny model (same data, thoughts and AdamW updates). A large learning rate makes every
+    update show in the next loss; policy weight 1 keeps the 1e6 of the default config from magnifying rounding."""
+    out = tmp_path / "zero3_tax.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "zero3_tax.py"), "--quick", "--steps", "3", "--out", str(out)]
+    cmd += ["optim.lr=1e-3", "loss.policy_weight=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["engine"]: row for row in result["rows"]}
+    assert set(rows) == {"zero3", "zero3-json", "plain"}
+    losses = rows["plain"]["losses"]
+    assert len(losses) == 3  # (at lr 1e-6 instead, step 2's loss differs by 2e-4 relative: the test sees updates)
+    for kind in ("zero3", "zero3-json"):
+        assert rows[kind]["losses"] == pytest.approx(losses, rel=1e-5), kind
+    for key in ("zero3_over_plain_time", "zero3_over_plain_peak_rss"):
+        assert result[key] > 0
+    assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.slow
+def test_a_run_records_the_dtype_auto_resolved_to(tmp_path):
+    """`qstar-rl train` with model.dtype=auto: config.yaml (of the run and of its checkpoint) and the log line name
+    the dtype this machine resolved it to."""
+    if torch.cuda.is_available():
+        expected = resolve_dtype("auto")
+    else:
+        expected = "bfloat16" if cpuinfo_has_bf16() else "float32"
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qstar_rl.train", "--config", str(ROOT / "qstar_rl/configs/tiny.yaml")]
+    cmd += ["model.dtype=auto", "train.steps=1", f"train.run_dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["dtype"] == expected
+    checkpointed = next(run_dir.glob("checkpoints/step_*/config.yaml"))
+    assert yaml.safe_load(checkpointed.read_text())["model"]["dtype"] == expected
+    assert f"training tiny-llama ({expected}, activation checkpointing off)" in (run_dir / "train.log").read_text()
