@@ -375,7 +375,7 @@ def enable_activation_checkpointing(lm: transformers.PreTrainedModel) -> None:
 
     Non-reentrant matters: the reentrant variant runs the forward under no_grad, so the text keys/values that
     the branch pass reads would carry no gradient and the text would learn nothing from the thoughts.
-    Checkpointing is active only while the LM is in train mode (the learner's phase, see `learning`).
+    Checkpointing is active only while the LM is in train mode (the learner's phase: `learner.learn_step` sets it).
     """
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20; the old name warns
