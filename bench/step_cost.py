@@ -66,7 +66,13 @@ def run_step(model, engine, full_weights, batch: dict, config, version: int, mar
     model.train()
     out = engine(thoughts.input_ids, thoughts.thought_ids, thoughts.attention_mask)
     loss = quiet_star_loss(
-        out.base_logprobs, out.talk_logprobs, out.policy_logprobs, out.valid, policy_weight=config.loss.policy_weight
+        out.base_logprobs,
+        out.talk_logprobs,
+        out.policy_logprobs,
+        out.valid,
+        nll_base_weight=config.loss.nll_base_weight,
+        policy_weight=config.loss.policy_weight,
+        positive_advantage_only=config.loss.positive_advantage_only,
     )
     mark("forward")
     engine.backward(loss.total)
