@@ -11,7 +11,7 @@ import json
 import math
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -144,6 +144,18 @@ def param_groups(model: ThinkingLM, config: Config) -> list[dict]:
     ]
 
 
+def make_optimizer(
+    model: ThinkingLM, config: Config
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over `param_groups` and its `lr_multiplier` schedule (the same for ZeRO-3 and PlainEngine). Fused
+    where torch has the kernel: one pass over each tensor's memory per step instead of one per Adam operation
+    (ZeRO-3 steps whole flat partitions, as large as the model)."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), fused=True
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
+
+
 def _ndim(p: torch.nn.Parameter) -> int:
     return len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
 
@@ -198,57 +210,99 @@ def one_rank_zero3(zero: dict) -> dict:
     return {**zero, **settings}
 
 
-def deepspeed_config(
-    config: Config, world_size: int, ds_json: dict | None = None, *, one_rank_settings: bool = True
-) -> dict:
+def deepspeed_config(config: Config, world_size: int, ds_json: dict | None = None) -> dict:
     """The DeepSpeed JSON (read from deepspeed.config unless given) with batch sizes, clipping and
     precision filled from the config (the one place they are decided), and at world size 1 the ZeRO-3 settings
-    of `one_rank_zero3` (more ranks, or one_rank_settings=False for a comparison, get the JSON's ZeRO knobs)."""
+    of `one_rank_zero3` (more ranks get the JSON's ZeRO knobs)."""
     ds = dict(ds_json) if ds_json is not None else json.loads(Path(config.deepspeed.config).read_text())
     ds.update(deepspeed_batch_settings(config, world_size))
     ds["bf16"] = {"enabled": resolve_dtype(config.model.dtype) == "bfloat16"}  # fp32 master weights either way
     ds.pop("fp16", None)
-    if world_size == 1 and one_rank_settings:
+    if world_size == 1:
         ds["zero_optimization"] = one_rank_zero3(ds.get("zero_optimization", {}))
     return ds
 
 
-def make_deepspeed_engine(
-    model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None, *, one_rank_settings: bool = True
-):
-    """(engine, full_weights) where full_weights() gathers every ZeRO-3 partition for rollout."""
+@contextlib.contextmanager
+def comm_threads_single_threaded() -> Iterator[None]:
+    """Run DeepSpeed's setup with one torch thread. A thread takes torch's thread count at its first parallel
+    op; for gloo's worker threads that is DeepSpeed's parameter broadcast at initialize. With more than one they
+    start a second OpenMP team, libgomp then counts more threads than cores and stops spin-waiting for work
+    (throttled spin count), so every parallel op of the trainer pays a futex wake-up: on 2 cores small ops ran
+    10-15x slower and a SmolLM2 step 1.3x slower, for the rest of the process. The collectives' copies are
+    memory-bound; one thread costs them nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None):
+    """(engine, full_weights) where full_weights() gathers every partitioned ZeRO-3 parameter for rollout."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(config, world_size, ds_json, one_rank_settings=one_rank_settings),
-    )
-    params = list(model.parameters())
+    optimizer, scheduler = make_optimizer(model, config)
+    with comm_threads_single_threaded():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, world_size, ds_json),
+        )
+    # Persistent parameters are never released (ZeRO-3 keeps them whole on every rank); gathering them here
+    # would release them at the exit, and the learner's next forward would gather each one again.
+    partitioned = [p for p in model.parameters() if not getattr(p, "ds_persist", False)]
+    if world_size == 1 and not partitioned:
+        drop_one_rank_zero3_overheads(engine)
 
     def full_weights() -> contextlib.AbstractContextManager:
         # One gather for the whole rollout instead of one per layer at each of the M decode steps.
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if not partitioned:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
     return engine, full_weights
 
 
-def build_thinking_engine(
-    config: Config, world_size: int, ds_json: dict | None = None, *, one_rank_settings: bool = True
-):
+def drop_one_rank_zero3_overheads(engine) -> None:
+    """At one rank with every parameter resident (ONE_RANK_ZERO3), remove two costs that ZeRO-3 pays for nothing:
+    - its per-module forward/backward hooks, which fetch and release parameters that are always there: Python
+      calls around each of the thousands of module calls of a step (SmolLM2 rollout 2.0 s -> 1.7 s). The
+      gradient hooks, which reduce gradients into the optimizer's partition, stay.
+    - the fp32 master copy of fp32 weights. DeepSpeed means to share it (stage3 `_create_fp32_partitions`: "we
+      don't need another copy of the weights") but compares a torch.device with a device string, which is never
+      equal, so it clones: one more copy of the model. The copy's storage becomes the weights' own (same dtype,
+      same device, same elements: the update DeepSpeed writes back is then a copy onto itself)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    optimizer = engine.optimizer
+    optimizer.parameter_offload._remove_module_hooks()
+    params = list(engine.module.parameters())
+
+    def keep_resident(module, args) -> None:
+        # What the removed hooks still did at one rank: gather parameters that DeepSpeed released outside a
+        # step (initialization, checkpoint save/load). After a step every one is resident again: a scan, no copy.
+        released = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if released:
+            released[0].all_gather(param_list=released)
+
+    keep_resident(None, None)
+    engine.module.lm.register_forward_pre_hook(keep_resident)
+    groups = zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat, strict=True)
+    for weights, master in groups:
+        if (weights.dtype, weights.device) == (master.dtype, master.device) and weights.data_ptr() != master.data_ptr():
+            master.data = weights.data
+
+
+def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None):
     """(model, tokenizer, engine, full_weights): the configured LM wrapped in ThinkingLM under ZeRO-3."""
     lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(lm)
     model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
-    engine, full_weights = make_deepspeed_engine(
-        model, config, world_size, ds_json, one_rank_settings=one_rank_settings
-    )
+    engine, full_weights = make_deepspeed_engine(model, config, world_size, ds_json)
     return model, tokenizer, engine, full_weights
 
 
@@ -266,10 +320,7 @@ class PlainEngine:
 
     def __init__(self, model: ThinkingLM, config: Config) -> None:
         self.module = model
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, config), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2)
-        )
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
+        self.optimizer, self.lr_scheduler = make_optimizer(model, config)
         self.grad_clip = config.optim.grad_clip
         self.accumulation = config.train.global_batch_size // config.train.micro_batch_size
         self.global_steps = 0
