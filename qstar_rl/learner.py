@@ -16,8 +16,15 @@ import torch
 
 from qstar_rl.config import Config
 from qstar_rl.core.layout import valid_positions
-from qstar_rl.core.losses import quiet_star_loss, statistic_sums, statistics_from_sums, truncated_importance_weights
-from qstar_rl.model import ThinkingLM
+from qstar_rl.core.losses import (
+    QuietStarLoss,
+    nll_only_loss,
+    quiet_star_loss,
+    statistic_sums,
+    statistics_from_sums,
+    truncated_importance_weights,
+)
+from qstar_rl.model import ScoreOutput, ThinkingLM
 from qstar_rl.rollout import ThoughtBatch, rollout
 
 
@@ -26,7 +33,7 @@ class StepResult:
     """What one optimizer step produced."""
 
     metrics: dict[str, float]
-    """The metric keys of DESIGN.md section 2 (those the step knows)."""
+    """The metric keys of docs/design.md section 2 (those the step knows)."""
     skipped: bool
     """True when the gradient was not finite and the weights were left untouched."""
     samples: list[dict] = field(default_factory=list)
@@ -50,7 +57,8 @@ def train_step(
     thoughts: list[ThoughtBatch] = []
     for batch in micro_batches:
         gather = _Timed(full_weights() if full_weights else None)
-        thoughts.append(rollout(model, batch, config.train.seed, policy_version, gather))
+        think = config.loss.objective == "quiet_star"
+        thoughts.append(rollout(model, batch, config.train.seed, policy_version, gather, think=think))
         gather_seconds += gather.seconds
     rollout_seconds = time.perf_counter() - start
     result = learn_step(engine, thoughts, config, policy_version, all_reduce_sum, world_size)
@@ -88,31 +96,15 @@ def learn_step(
     learn_start = time.perf_counter()
     for t in thoughts:
         out = engine(t.input_ids, t.thought_ids, t.attention_mask)  # ScoreOutput, (B, R, T, ...)
-        if t.policy_version < policy_version:  # sampled by older weights (async rollout): correct for it
-            is_weight, is_clipped = truncated_importance_weights(
-                out.thought_logprobs, t.thought_logprobs, config.loss.is_cap
-            )  # (B, R, T, M) each, detached
-            token_weights = is_weight
+        if t.thought_ids is None:  # loss.objective 'nll': the thought-free control, the base NLL alone
+            loss = nll_only_loss(out.base_logprobs, out.valid, num_valid)
         else:
-            # On-policy: the ratio is 1 in exact arithmetic; the learner's recomputation differs from the
-            # rollout's by rounding, so it is not computed at all and the loss stays exactly plain REINFORCE.
-            is_weight = torch.ones_like(out.thought_logprobs)
-            is_clipped = torch.zeros_like(out.thought_logprobs, dtype=torch.bool)
-            token_weights = None
-        loss = quiet_star_loss(
-            out.base_logprobs,
-            out.talk_logprobs,
-            out.policy_logprobs,
-            out.valid,
-            nll_base_weight=config.loss.nll_base_weight,
-            policy_weight=config.loss.policy_weight,
-            positive_advantage_only=config.loss.positive_advantage_only,
-            num_valid=num_valid,
-            token_weights=token_weights,
-        )
+            loss, is_weight, is_clipped = thinking_loss(out, t, config, policy_version, num_valid)
         engine.backward(loss.total * undo_mean)
         engine.step()  # DeepSpeed's protocol: every micro-batch; the update happens at the last one
         losses += torch.stack([loss.total, loss.policy, loss.nll_base, loss.nll_talk]).detach().double()
+        if t.thought_ids is None:
+            continue
         gap = t.thought_logprobs - out.thought_logprobs.detach()  # (B, R, T, M)
         step_sums = statistic_sums(
             loss.reward, loss.advantage, out.valid, gap, out.mixing_weight.detach(), is_weight, is_clipped
@@ -125,10 +117,11 @@ def learn_step(
     grad_norm = float(engine.get_global_grad_norm() or 0.0)
     skipped = not math.isfinite(grad_norm)
     losses = all_reduce_sum(losses)
-    counts = torch.tensor([sum(t.input_ids.numel() for t in thoughts), sum(t.thought_ids.numel() for t in thoughts)])
+    thought_tokens = sum(t.thought_ids.numel() for t in thoughts if t.thought_ids is not None)
+    counts = torch.tensor([sum(t.input_ids.numel() for t in thoughts), thought_tokens])
     text_tokens, thought_tokens = all_reduce_sum(counts.double()).tolist()
     metrics = {
-        **statistics_from_sums(all_reduce_sum(sums)),
+        **(statistics_from_sums(all_reduce_sum(sums)) if sums is not None else {}),
         "loss/total": losses[0].item(),
         "loss/policy": losses[1].item(),
         "loss/nll_base": losses[2].item(),
@@ -143,6 +136,37 @@ def learn_step(
         "tokens/thought": thought_tokens,
     }
     return StepResult(metrics, skipped, samples)
+
+
+def thinking_loss(
+    out: ScoreOutput, t: ThoughtBatch, config: Config, policy_version: int, num_valid: torch.Tensor
+) -> tuple[QuietStarLoss, torch.Tensor, torch.Tensor]:
+    """The method's loss of one micro-batch, and the per-token importance weights and where they were capped
+    (the metrics report them). Thoughts sampled by older weights (async rollout) get their policy term
+    corrected per token by min(p_learner / p_rollout, loss.is_cap)."""
+    if t.policy_version < policy_version:
+        is_weight, is_clipped = truncated_importance_weights(
+            out.thought_logprobs, t.thought_logprobs, config.loss.is_cap
+        )  # (B, R, T, M) each, detached
+        token_weights = is_weight
+    else:
+        # On-policy: the ratio is 1 in exact arithmetic; the learner's recomputation differs from the
+        # rollout's by rounding, so it is not computed at all and the loss stays exactly plain REINFORCE.
+        is_weight = torch.ones_like(out.thought_logprobs)
+        is_clipped = torch.zeros_like(out.thought_logprobs, dtype=torch.bool)
+        token_weights = None
+    loss = quiet_star_loss(
+        out.base_logprobs,
+        out.talk_logprobs,
+        out.policy_logprobs,
+        out.valid,
+        nll_base_weight=config.loss.nll_base_weight,
+        policy_weight=config.loss.policy_weight,
+        positive_advantage_only=config.loss.positive_advantage_only,
+        num_valid=num_valid,
+        token_weights=token_weights,
+    )
+    return loss, is_weight, is_clipped
 
 
 def step_timings(rollout: float, learn: float, weight_sync: float, step: float) -> dict[str, float]:

@@ -103,15 +103,16 @@ transformers.AttentionMaskInterface.register(ATTENTION_NAME, _qstar_mask)
 
 class ScoreOutput(NamedTuple):
     """What `ThinkingLM.score` returns; every tensor is autograd-connected except `valid`. A NamedTuple, so
-    that DeepSpeed ZeRO-3's module hooks see the tensors inside it."""
+    that DeepSpeed ZeRO-3's module hooks see the tensors inside it. Without thoughts (thought_ids None) the
+    four thought fields are None."""
 
-    thought_logprobs: torch.Tensor
+    thought_logprobs: torch.Tensor | None
     """(B, R, T, M) log softmax(z^(m))[c_{m+1}] at temperature 1."""
-    policy_logprobs: torch.Tensor
+    policy_logprobs: torch.Tensor | None
     """(B, R, T, M) the same at tau_reinforce, for the policy-gradient loss."""
-    talk_logprobs: torch.Tensor
+    talk_logprobs: torch.Tensor | None
     """(B, R, T, K) log p of x_{i+s+1} under the mixed logits."""
-    mixing_weight: torch.Tensor
+    mixing_weight: torch.Tensor | None
     """(B, R, T, K) the mixing head's weight w."""
     base_logprobs: torch.Tensor
     """(B, T) log p_base(x_{i+1}); the last column is 0 and unused."""
@@ -296,27 +297,31 @@ class ThinkingLM(nn.Module):
         return torch.stack(ids, dim=-1).view(shape), torch.stack(logprobs, dim=-1).view(shape)
 
     def score(
-        self, input_ids: torch.Tensor, thought_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, thought_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
     ) -> ScoreOutput:
         """One forward with gradients over the text and all B*R*T branches <sot> c_1..c_M <eot> x_{i+1}..
+        thought_ids None: the text pass only (base_logprobs and valid), for the thought-free control.
 
         Goes through `forward`, so that DeepSpeed ZeRO-3 gathers this module's own parameters (the meta
         tokens) in its forward hook, exactly as it does for every submodule."""
         return self(input_ids, thought_ids, attention_mask)
 
     def forward(
-        self, input_ids: torch.Tensor, thought_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, thought_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
     ) -> ScoreOutput:
         """See `score`."""
         batch, seq_len = input_ids.shape
-        _, num_thoughts, _, length = thought_ids.shape
         talk_length = self.thought.talk_length
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        valid = valid_positions(attention_mask, talk_length)
         base_hidden, text = self._encode_text(input_ids, attention_mask)  # (B, T, D)
-        state = BranchPass(text, num_thoughts, dense=self.thought.attention == "dense")
         base_logprobs = torch.zeros(batch, seq_len, device=input_ids.device)
         base_logprobs[:, :-1] = token_logprobs(self._logits(base_hidden[:, :-1]), input_ids[:, 1:])
+        if thought_ids is None:
+            return ScoreOutput(None, None, None, None, base_logprobs, valid)
+        _, num_thoughts, _, length = thought_ids.shape
+        state = BranchPass(text, num_thoughts, dense=self.thought.attention == "dense")
 
         # Branch inputs in step-major layout (B, L, R, T, D): <sot>, c_1..c_M, <eot>, x_{i+1}..x_{i+K-1}.
         thoughts = self._embed(thought_ids.permute(0, 3, 1, 2))  # (B, M, R, T, D)
@@ -349,7 +354,7 @@ class ThinkingLM(nn.Module):
             talk_logprobs=talk_logprobs.permute(0, 2, 3, 1),
             mixing_weight=weight.permute(0, 2, 3, 1),
             base_logprobs=base_logprobs,
-            valid=valid_positions(attention_mask, talk_length),
+            valid=valid,
         )
 
 

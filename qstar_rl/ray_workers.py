@@ -184,7 +184,8 @@ class RolloutWorker:
         marker = Path(self.config.train.run_dir) / f".fault_rollout_{step}"
         checkpoint.fault(f"rollout_{step}", once_marker=marker)
         batch = {k: v.to(_device()) for k, v in batch.items()}
-        return rollout(self.model, batch, self.config.train.seed, self.version).to("cpu")
+        think = self.config.loss.objective == "quiet_star"
+        return rollout(self.model, batch, self.config.train.seed, self.version, think=think).to("cpu")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The current inference weights (what tests compare with the learner's)."""

@@ -81,15 +81,59 @@ def token_effects(
 
 
 def held_out_text(task: str = "gsm_symbolic", items: int = 40, seed: int = 1234) -> str:
-    """Worked solutions of a reasoning-gym task (question, then the step-by-step answer)."""
-    import reasoning_gym
+    """Worked solutions of a reasoning-gym task (question, then the step-by-step answer) from the held-out
+    split of `qstar_rl.corpus`: for gsm_symbolic, templates that the "math" data source never trains on."""
+    from qstar_rl.corpus import task_documents
 
-    dataset = reasoning_gym.create_dataset(task, size=items, seed=seed)
-    pieces = []
-    for entry in dataset:
-        solution = entry["metadata"].get("answer_cot") or entry["answer"]
-        pieces.append(f"Question: {entry['question']}\nAnswer: {solution}\n")
-    return "\n".join(pieces)
+    return "\n".join(task_documents(task, "heldout", items, seed))
+
+
+def heldout_windows(source: str, tokenizer, seq_len: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` windows of `seq_len` tokens of an offline corpus (a held-out split), its documents in a fixed
+    shuffled order (so that the windows mix its kinds of text), the same for every model measured."""
+    import random
+
+    from qstar_rl.data import offline_documents
+
+    documents = offline_documents(source)
+    if documents is None:
+        raise ValueError(f"{source!r} is not an offline corpus (e.g. math-heldout, wiki-heldout)")
+    random.Random(0).shuffle(documents)
+    return windows(tokenizer, "\n".join(documents), seq_len, count)
+
+
+def trend(values: list[float]) -> tuple[float, float]:
+    """(mean of the first quarter, mean of the last quarter) of a curve: how it moved over a run."""
+    quarter = max(1, len(values) // 4)
+    return sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+
+
+def end_of_run_report(run_dir: Path, source: str, seq_len: int, count: int) -> list[str]:
+    """What the main job prints when it finishes: on `count` held-out windows, the NLL with a thought before
+    every token and without, on all tokens and on the hardest decile (of the NLL without); how the reward and
+    the mixing weight moved over the run; the HTML report it wrote (run_dir/report/index.html)."""
+    from qstar_rl.export import load_checkpoint
+
+    model, tokenizer = load_checkpoint(run_dir)
+    input_ids, attention_mask = heldout_windows(source, tokenizer, seq_len, count)
+    effects = effects_in_batches(model, input_ids, attention_mask)
+    rows = read_metrics(run_dir)
+    summary = write_report(run_dir / "report", tokenizer, effects, f"Where thinking helps: {run_dir}", rows)
+    hardest = summary["deciles"][-1]
+    lines = [
+        f"held-out {source}, {summary['tokens']} tokens: NLL {summary['think_nll']:.4f} with thoughts, "
+        f"{summary['base_nll']:.4f} without ({summary['think_nll'] - summary['base_nll']:+.4f})",
+        f"hardest decile (NLL without >= {hardest['base_nll_min']:.2f}): {hardest['think_nll']:.4f} with thoughts, "
+        f"{hardest['base_nll']:.4f} without ({hardest['delta_nll']:+.4f}); thoughts helped "
+        f"{100 * hardest['frac_helped']:.0f}% of its tokens",
+    ]
+    for key, name in (("reward/mean", "reward"), ("mixing/weight_mean", "mixing weight")):
+        values = [row[key] for row in rows if key in row]
+        if values:
+            first, last = trend(values)
+            lines.append(f"{name}: {first:.4g} over the first quarter of the run -> {last:.4g} over the last")
+    lines.append(f"report: {run_dir / 'report' / 'index.html'}")
+    return lines
 
 
 def windows(tokenizer, text: str, seq_len: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +174,8 @@ def deciles_markdown(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png(figure) -> bytes:
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -150,7 +195,7 @@ def deciles_plot(rows: list[dict[str, float]], title: str) -> bytes:
     ax.set_ylabel("NLL with thought - without")
     ax.set_xticks([r["decile"] for r in rows])
     ax.set_title(title)
-    data = _png(figure)
+    data = figure_png(figure)
     plt.close(figure)
     return data
 
@@ -184,7 +229,7 @@ def curves_plot(rows: list[dict]) -> bytes:
         if len(keys) > 1:
             ax.legend(fontsize=7)
     figure.tight_layout()
-    data = _png(figure)
+    data = figure_png(figure)
     plt.close(figure)
     return data
 

@@ -21,21 +21,16 @@ class ThoughtBatch:
     """(B, T) text windows."""
     attention_mask: torch.Tensor
     """(B, T) 1 for real tokens, 0 for right padding."""
-    thought_ids: torch.Tensor
-    """(B, R, T, M) sampled thought tokens."""
-    thought_logprobs: torch.Tensor
+    thought_ids: torch.Tensor | None
+    """(B, R, T, M) sampled thought tokens; None for the thought-free control (loss.objective 'nll')."""
+    thought_logprobs: torch.Tensor | None
     """(B, R, T, M) their log-probs (temperature 1) under the weights that sampled them."""
     policy_version: int
     """Optimizer steps taken by the weights that sampled them."""
 
     def to(self, device: torch.device | str) -> "ThoughtBatch":
-        return ThoughtBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.thought_ids.to(device),
-            self.thought_logprobs.to(device),
-            self.policy_version,
-        )
+        thoughts = [None if t is None else t.to(device) for t in (self.thought_ids, self.thought_logprobs)]
+        return ThoughtBatch(self.input_ids.to(device), self.attention_mask.to(device), *thoughts, self.policy_version)
 
 
 def sequence_generators(seed: int, window_ids: torch.Tensor, device: torch.device) -> list[torch.Generator]:
@@ -50,11 +45,14 @@ def rollout(
     seed: int,
     policy_version: int,
     full_weights: AbstractContextManager | None = None,
+    think: bool = True,
 ) -> ThoughtBatch:
     """Sample thoughts for one micro-batch (input_ids, attention_mask, window_ids). `full_weights` is
     entered around sampling: under ZeRO-3 it gathers the partitioned weights once, instead of one
-    all-gather per layer at each of the M decode steps."""
+    all-gather per layer at each of the M decode steps. think=False (loss.objective 'nll') samples nothing."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if not think:
+        return ThoughtBatch(input_ids, attention_mask, None, None, policy_version)
     generators = sequence_generators(seed, batch["window_ids"], input_ids.device)
     model.eval()  # the sampling phase; the learner sets train mode where its phase starts (learn_step)
     with full_weights or nullcontext():

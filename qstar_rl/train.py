@@ -23,7 +23,7 @@ import yaml
 
 from qstar_rl import checkpoint
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
-from qstar_rl.data import DataStats, WindowStream
+from qstar_rl.data import HELDOUT_OF, DataStats, WindowStream
 from qstar_rl.engine import (
     all_reduce_sum,
     build_thinking_engine,
@@ -34,6 +34,7 @@ from qstar_rl.engine import (
 from qstar_rl.eval import eval_due, periodic_eval
 from qstar_rl.learner import StepResult, train_step
 from qstar_rl.metrics import MetricsLogger
+from qstar_rl.report import end_of_run_report
 
 log = logging.getLogger("qstar_rl")
 
@@ -146,6 +147,11 @@ def train(config: Config, resume: bool = True) -> Path:
             checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
     logger.close()
     log.info("done: %s", run_dir)
+    heldout = HELDOUT_OF.get(config.data.source)
+    if rank == 0 and config.train.report_windows and heldout is not None:
+        log.info("measuring thinking on %d held-out windows (%s) ...", config.train.report_windows, heldout)
+        for line in end_of_run_report(run_dir, heldout, config.data.seq_len, config.train.report_windows):
+            log.info(line)
     return run_dir
 
 

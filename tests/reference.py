@@ -1,4 +1,4 @@
-"""The plain reference of DESIGN.md section 1: one ordinary HF forward per (sequence, thought, position)
+"""The plain reference of docs/design.md section 1: one ordinary HF forward per (sequence, thought, position)
 over  x_0..x_i, <sot>, c_1..c_M, <eot>, x_{i+1}..x_{i+K-1}. Slow on purpose; it shares no code with the
 fast path except the wrapped model's weights."""
 

@@ -164,3 +164,35 @@ def test_the_learner_scores_in_train_mode_in_every_placement():
     modes.clear()  # colocated: sampling (eval mode) then learning (train mode) in one step
     train_step(engine, model, [batch], config, 1, identity, 1)
     assert modes == [False] * (1 + LENGTH) + [True, True]  # text + M decode steps, then score
+
+
+def test_the_nll_objective_samples_no_thought_and_steps_on_the_base_nll_alone():
+    """loss.objective 'nll' (the experiment's control): no thought sampled, the loss is the mean NLL of the base
+    model over the method's valid positions, and the update equals a hand-made AdamW step on that NLL."""
+    import copy
+    import dataclasses
+
+    config = tiny_config()
+    config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, objective="nll"))
+    model = tiny_model(config)
+    reference = copy.deepcopy(model)
+    ids, mask = padded_batch(seq_len=16, lengths=(16, 11), seed=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "window_ids": torch.tensor([0, 1])}
+    result = train_step(PlainEngine(model, config), model, [batch], config, 0, identity, 1)
+    assert result.metrics["tokens/thought"] == 0 and result.samples == []
+    assert "reward/mean" not in result.metrics and result.metrics["loss/policy"] == 0
+
+    # by hand: -mean over valid positions i of log p(x_{i+1}), valid = x_{i+1..i+K} real (K = 2)
+    reference.train()
+    logits = reference.lm(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    valid = torch.zeros_like(mask, dtype=torch.bool)
+    valid[:, :-2] = mask[:, 1:-1].bool() & mask[:, 2:].bool()
+    nll = -(logprobs * valid[:, :-1]).sum() / valid.sum()
+    assert result.metrics["loss/nll_base"] == pytest.approx(nll.item(), rel=1e-5)
+    optimizer = PlainEngine(reference, config).optimizer
+    nll.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name

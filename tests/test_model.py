@@ -1,4 +1,4 @@
-"""ThinkingLM against the plain per-branch reference (DESIGN.md section 1) on four model families."""
+"""ThinkingLM against the plain per-branch reference (docs/design.md section 1) on four model families."""
 
 import copy
 

@@ -4,6 +4,7 @@ on CPU with gloo, the second through the `deepspeed` launcher), checkpoints, kil
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,22 @@ def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
         assert all(0 <= row[k] <= 1 for k in EVAL_KEYS) and row["time/eval"] > 0
         assert row["eval/gsm_symbolic/answer_prob"] > row["eval/gsm_symbolic/answer_prob_full"] > 0
     assert [r["_step"] for r in logged if EVAL_KEYS[0] in r] == [2, 3], "eval metrics reach wandb"
+
+
+def test_a_finished_run_reports_thinking_on_held_out_text(tiny_run):
+    """The end of `qstar-rl train` on the Shakespeare corpus: NLL with and without thoughts on held-out scenes
+    (all tokens, hardest decile), the reward and mixing-weight trends, and the HTML report it wrote."""
+    log = (tiny_run / "train.log").read_text()
+    line = r"held-out shakespeare-heldout, (\d+) tokens: NLL ([\d.]+) with thoughts, ([\d.]+) without"
+    heldout = re.search(line, log)
+    assert heldout and int(heldout[1]) > 0
+    report = json.loads((tiny_run / "report" / "difficult_tokens.json").read_text())
+    assert float(heldout[2]) == pytest.approx(report["think_nll"], abs=1e-4)
+    assert float(heldout[3]) == pytest.approx(report["base_nll"], abs=1e-4)
+    assert "hardest decile (NLL without >= " in log
+    assert "reward: " in log and "mixing weight: " in log and " over the last" in log
+    assert f"report: {tiny_run / 'report' / 'index.html'}" in log
+    assert (tiny_run / "report" / "index.html").is_file()
 
 
 def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(tmp_path):

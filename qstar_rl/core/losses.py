@@ -1,4 +1,4 @@
-"""Rewards, mean-baselined advantages, the REINFORCE loss and the NLL losses (DESIGN.md section 1), and the
+"""Rewards, mean-baselined advantages, the REINFORCE loss and the NLL losses (docs/design.md section 1), and the
 truncated importance weights that correct the policy gradient of thoughts sampled by older weights.
 
 Every mean divides by a count passed in (`num_valid`: valid positions, summed over all data-parallel
@@ -92,8 +92,8 @@ class QuietStarLoss:
     nll: torch.Tensor
     nll_base: torch.Tensor
     nll_talk: torch.Tensor
-    reward: torch.Tensor  # (B, R, T)
-    advantage: torch.Tensor  # (B, R, T)
+    reward: torch.Tensor | None  # (B, R, T); None without thoughts
+    advantage: torch.Tensor | None  # (B, R, T)
 
 
 def quiet_star_loss(
@@ -214,3 +214,15 @@ def statistics_from_sums(sums: torch.Tensor) -> dict[str, float]:
 def reward_statistics(reward: torch.Tensor, advantage: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
     """Reward and advantage metrics of one micro-batch (see `statistic_sums`)."""
     return statistics_from_sums(statistic_sums(reward, advantage, valid))
+
+
+def nll_only_loss(
+    base_logprobs: torch.Tensor, valid: torch.Tensor, num_valid: float | torch.Tensor | None = None
+) -> QuietStarLoss:
+    """The thought-free control (loss.objective 'nll'): total = NLL_base over the same valid positions as the
+    method's, so the two runs' loss/nll_base compare; the thought terms are 0 and there is no reward.
+
+    base_logprobs (B, T); valid (B, T) bool."""
+    nll_base = -(base_logprobs * valid).sum() / _count(valid, num_valid)
+    zero = torch.zeros_like(nll_base)
+    return QuietStarLoss(nll_base, zero, nll_base, nll_base, zero, None, None)
