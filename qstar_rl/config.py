@@ -279,7 +279,10 @@ class ExperimentConfig:
     """train.seed of each repetition (the data order and the thoughts sampled follow it)."""
     compute_multiplier: int = 0
     """nll_control_compute's global batch is this many times the others' (more tokens, same steps and
-    schedule); 0: the measured FLOPs of one quiet_star step over one NLL step, rounded."""
+    schedule); 0: the measured FLOPs of one quiet_star step over one NLL step, rounded up."""
+    compute_micro_batch_size: int = 0
+    """Largest micro-batch nll_control_compute may use for its larger batch (0: the training config's): one
+    window per forward leaves a CPU idle. On several ranks it must keep global % (micro x ranks) == 0."""
     heldout_sources: list[str] = field(default_factory=lambda: ["math-heldout", "wiki-heldout"])
     """data.source names of the held-out corpora the NLLs are measured on (the first is the headline)."""
     heldout_windows: int = 24
@@ -334,6 +337,8 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
     if typing.get_origin(annotation) is list:  # a YAML list, or a comma-separated string on the command line
         (item_type,) = typing.get_args(annotation)
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if type(value) is item_type and item_type is not str:  # seeds=0 on the command line: one item
+            items = [value]
         if item_type is int and isinstance(items, list) and all(isinstance(v, str) for v in items):
             items = [int(v) if v.lstrip("-").isdigit() else v for v in items]
         if isinstance(items, list) and all(type(v) is item_type for v in items):
@@ -569,6 +574,7 @@ def validate_experiment(e: ExperimentConfig) -> list[str]:
     if not e.seeds or len(set(e.seeds)) != len(e.seeds):
         p.append(f"seeds: need at least one seed and no repeats, got {e.seeds}")
     _positive(p, "compute_multiplier", e.compute_multiplier, 0)
+    _positive(p, "compute_micro_batch_size", e.compute_micro_batch_size, 0)
     _positive(p, "heldout_windows", e.heldout_windows)
     _positive(p, "answer_items", e.answer_items, 0)
     _positive(p, "max_new_tokens", e.max_new_tokens)

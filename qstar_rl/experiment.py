@@ -22,6 +22,7 @@ probability (paper protocol) and exact match, with and without thinking; the tra
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -50,11 +51,15 @@ ARM_OVERRIDES = {
 }
 
 
-def arm_overrides(arm: str, train: Config, multiplier: int) -> list[str]:
-    """What an arm changes in the shared training config."""
+def arm_overrides(arm: str, train: Config, multiplier: int, micro_cap: int = 0) -> list[str]:
+    """What an arm changes in the shared training config. nll_control_compute takes `multiplier` times the
+    windows per step, in micro-batches as large as `micro_cap` allows where they divide evenly (an NLL forward of
+    one small window leaves a CPU idle; the gradient is the mean over the step either way)."""
     extra = list(ARM_OVERRIDES[arm])
     if arm == "nll_control_compute":
-        extra.append(f"train.global_batch_size={train.train.global_batch_size * multiplier}")
+        windows, micro = train.train.global_batch_size * multiplier, train.train.micro_batch_size
+        micro = max(b for b in range(micro, max(micro, micro_cap) + 1) if windows % b == 0 and b % micro == 0)
+        extra += [f"train.global_batch_size={windows}", f"train.micro_batch_size={micro}"]
     return extra
 
 
@@ -86,9 +91,10 @@ def step_flops(train: Config, objective: str) -> int:
 
 
 def compute_multiplier(train: Config) -> dict:
-    """How many NLL windows cost one Quiet-STaR window: the FLOPs ratio of the two steps, rounded (at least 1)."""
+    """How many NLL windows cost one Quiet-STaR window: the FLOPs ratio of the two steps, rounded up (the control
+    gets at least Quiet-STaR's compute)."""
     thinking, plain = step_flops(train, "quiet_star"), step_flops(train, "nll")
-    return {"quiet_star_step_flops": thinking, "nll_step_flops": plain, "multiplier": max(1, round(thinking / plain))}
+    return {"quiet_star_step_flops": thinking, "nll_step_flops": plain, "multiplier": math.ceil(thinking / plain)}
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -163,14 +169,26 @@ def train_arm(arm: str, seed: int, run_dir: Path, e: ExperimentConfig, multiplie
     """`qstar-rl train` for one (arm, seed) in a child process (its own process group and memory); it resumes
     from the run directory's last complete checkpoint if an earlier attempt was interrupted."""
     # train.report_windows=0: the experiment measures every arm itself, on more held-out text
-    overrides = [*e.overrides, *arm_overrides(arm, train, multiplier), f"train.seed={seed}", "train.report_windows=0"]
+    overrides = [
+        *e.overrides,
+        *arm_overrides(arm, train, multiplier, e.compute_micro_batch_size),
+        f"train.seed={seed}",
+        "train.report_windows=0",
+    ]
     launcher = e.launcher or [sys.executable, "-m"]
     command = [*launcher, "qstar_rl.train", "--config", e.train_config, *overrides]
     command.append(f"train.run_dir={run_dir}")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "experiment_train.log", "a") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    path = run_dir / "experiment_train.log"
+    with open(path, "a") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    if code != 0:
+        raise ExperimentError(f"training {arm} seed {seed} failed (exit {code}); its output: {path}")
+
+
+class ExperimentError(RuntimeError):
+    """An arm's training failed; the message names its log. Finished arms stay done for a restart."""
 
 
 def run(e: ExperimentConfig, log=print) -> dict:
@@ -201,6 +219,8 @@ def run(e: ExperimentConfig, log=print) -> dict:
                 log(f"evaluating {arm} seed {seed}")
                 run_dir.mkdir(parents=True, exist_ok=True)
                 result = {**evaluate_arm(arm, run_dir, train, e), "seconds": time.perf_counter() - start}
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the next arm's training needs this GPU's memory back
                 partial = done.with_suffix(".tmp")
                 partial.write_text(json.dumps(result))
                 partial.replace(done)  # atomic: a half-written evaluation never counts as done
@@ -306,8 +326,9 @@ def results_markdown(results: dict) -> str:
 
 
 def _extra_columns(results: dict) -> list[str]:
-    keys = [k for k in next(iter(results["arms"].values())) if k.endswith("_nll") and k != "heldout_nll"]
-    return keys + [k for k in ("answer_prob", "answer_prob_no_think", "exact_match") if k in results["arms"]["base"]]
+    first = next(iter(results["arms"].values()))
+    keys = [k for k in first if k.endswith("_nll") and k != "heldout_nll"]
+    return keys + [k for k in ("answer_prob", "answer_prob_no_think", "exact_match") if k in first]
 
 
 def _fmt(values: list[float]) -> str:
@@ -375,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("invalid experiment config:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
-    results = run(e, log=lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        results = run(e, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except ExperimentError as err:
+        print(f"qstar-rl experiment: {err}", file=sys.stderr)
+        return 1
     print(results_markdown(results))
     print(f"wrote {e.out}.json, {e.out}.md, {e.out}.png")
     return 0

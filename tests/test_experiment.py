@@ -92,3 +92,12 @@ def test_the_experiment_runs_every_arm_and_seed_then_skips_them_when_restarted(t
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stderr and "evaluating" not in again.stderr
     assert json.loads(out.with_suffix(".json").read_text())["arms"] == results["arms"]
+
+
+def test_a_failed_training_names_its_log_and_exits_1(tmp_path):
+    config = tiny_experiment(tmp_path, arms=["nll_control"], seeds=[0], launcher=["false"])
+    proc = run_experiment(config)
+    assert proc.returncode == 1
+    log = tmp_path / "runs" / "nll_control" / "seed0" / "experiment_train.log"
+    assert f"training nll_control seed 0 failed (exit 1); its output: {log}" in proc.stderr
+    assert "Traceback" not in proc.stderr
