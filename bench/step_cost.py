@@ -36,10 +36,10 @@ from zero3_tax import STEP as TAX_STEP
 from zero3_tax import run_engine
 
 from qstar_rl.config import load_config
-from qstar_rl.core.losses import quiet_star_loss
 from qstar_rl.data import WindowStream
 from qstar_rl.engine import build_thinking_engine, init_distributed
 from qstar_rl.flops import PhaseFlops
+from qstar_rl.learner import thinking_loss
 from qstar_rl.rollout import rollout
 
 ROOT = Path(__file__).parents[1]
@@ -64,15 +64,7 @@ def run_step(model, engine, full_weights, batch: dict, config, version: int, mar
     mark("sample")
     model.train()
     out = engine(thoughts.input_ids, thoughts.thought_ids, thoughts.attention_mask)
-    loss = quiet_star_loss(
-        out.base_logprobs,
-        out.talk_logprobs,
-        out.policy_logprobs,
-        out.valid,
-        nll_base_weight=config.loss.nll_base_weight,
-        policy_weight=config.loss.policy_weight,
-        positive_advantage_only=config.loss.positive_advantage_only,
-    )
+    loss, _, _ = thinking_loss(out, thoughts, config, version, num_valid=None)  # the learner's own loss
     mark("forward")
     engine.backward(loss.total)
     mark("backward")

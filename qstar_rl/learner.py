@@ -139,11 +139,11 @@ def learn_step(
 
 
 def thinking_loss(
-    out: ScoreOutput, t: ThoughtBatch, config: Config, policy_version: int, num_valid: torch.Tensor
+    out: ScoreOutput, t: ThoughtBatch, config: Config, policy_version: int, num_valid: torch.Tensor | None
 ) -> tuple[QuietStarLoss, torch.Tensor, torch.Tensor]:
-    """The method's loss of one micro-batch, and the per-token importance weights and where they were capped
-    (the metrics report them). Thoughts sampled by older weights (async rollout) get their policy term
-    corrected per token by min(p_learner / p_rollout, loss.is_cap)."""
+    """The method's loss of one micro-batch (means over `num_valid` positions; None: this micro-batch's), and
+    the per-token importance weights and where they were capped (the metrics report them). Thoughts sampled by
+    older weights (async rollout) get their policy term corrected per token by min(p_learner / p_rollout, C)."""
     if t.policy_version < policy_version:
         is_weight, is_clipped = truncated_importance_weights(
             out.thought_logprobs, t.thought_logprobs, config.loss.is_cap
