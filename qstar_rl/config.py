@@ -138,6 +138,9 @@ class TrainConfig:
     """How many complete checkpoints to keep."""
     thought_table_every: int = 10
     """Log a table of sampled thoughts with their rewards every N steps (0: never)."""
+    step_timeout_s: float = 600.0
+    """Longest wait on another rank or actor (a collective under the deepspeed launcher; any one rollout, learn,
+    weight-sync or checkpoint call under Ray) before the run stops with an error naming it."""
     report_windows: int = 8
     """At the end, on this many windows of the corpus's held-out split (shakespeare, math), print the NLL with
     and without thoughts and write report/index.html in the run directory (`qstar-rl report`); 0: no report."""
@@ -218,8 +221,6 @@ class ClusterConfig:
     """Sample step k+1 while step k learns: thoughts are at most one policy version stale (policy/staleness)."""
     weight_sync_chunk_mb: int = 256
     """Weights travel from learner rank 0 to the rollout actors in chunks of about this many MiB."""
-    step_timeout_s: float = 1800.0
-    """Longest wait for any one rollout, learn or weight-sync call before the run is stopped."""
     startup_timeout_s: float = 900.0
     """Longest wait for placement and actor start-up (model load, DeepSpeed init, checkpoint load)."""
     max_restarts: int = 0
@@ -347,6 +348,10 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
     return _BAD
 
 
+MOVED_KEYS = {"cluster.step_timeout_s": "train.step_timeout_s"}
+"""Keys that an earlier release had elsewhere: the unknown-key message names the new place."""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -354,7 +359,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]):
         dotted = f"{prefix}{key}"
         if key not in hints:
             known = ", ".join(f.name for f in fields(cls))
-            problems.append(f"{dotted}: unknown key (known under {prefix or 'top level'}: {known})")
+            moved = f"moved to {MOVED_KEYS[dotted]}; " if dotted in MOVED_KEYS else ""
+            problems.append(f"{dotted}: unknown key ({moved}known under {prefix or 'top level'}: {known})")
             continue
         if is_dataclass(hints[key]):
             if not isinstance(value, dict):
@@ -484,6 +490,7 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     _positive(p, "train.keep_checkpoints", tr.keep_checkpoints)
     _positive(p, "train.thought_table_every", tr.thought_table_every, 0)
     _positive(p, "train.report_windows", tr.report_windows, 0)
+    _positive(p, "train.step_timeout_s", tr.step_timeout_s, 0, strict=True)
     sizes_ok = tr.micro_batch_size >= 1 and tr.global_batch_size >= 1 and world_size >= 1  # else reported above
     batch_ok = sizes_ok and tr.global_batch_size % (tr.micro_batch_size * world_size) == 0
     if sizes_ok and not batch_ok:
@@ -529,7 +536,7 @@ def validate_cluster(config: Config) -> list[str]:
         _positive(p, "cluster.rollout_workers", c.rollout_workers)
     for key in ("gpus_per_learner", "gpus_per_rollout"):
         _positive(p, f"cluster.{key}", getattr(c, key), 0)
-    for key in ("cpus_per_learner", "cpus_per_rollout", "step_timeout_s", "startup_timeout_s"):
+    for key in ("cpus_per_learner", "cpus_per_rollout", "startup_timeout_s"):
         _positive(p, f"cluster.{key}", getattr(c, key), 0, strict=True)
     _positive(p, "cluster.weight_sync_chunk_mb", c.weight_sync_chunk_mb)
     _positive(p, "cluster.max_restarts", c.max_restarts, 0)

@@ -7,6 +7,7 @@ loopback). `PlainEngine` offers the DeepSpeed engine's small interface on one pr
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -96,8 +97,9 @@ def prebuild_deepspeed_ops() -> None:
     build_shm_op()
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); starts the process group (NCCL on GPUs, gloo on CPU) if needed."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); starts the process group (NCCL on GPUs, gloo on CPU) if needed. A
+    collective that waits longer than `timeout_s` for another rank raises instead of hanging."""
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain single process
@@ -108,7 +110,13 @@ def init_distributed() -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return rank, world, local
 
 
@@ -120,6 +128,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().to(device).clone()
     dist.all_reduce(out)
     return out.to(tensor.device)
+
+
+def broadcast_from_rank0(obj: object) -> object:
+    """Rank 0's `obj` on every rank (picklable; identity on one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
@@ -210,11 +227,16 @@ def one_rank_zero3(zero: dict) -> dict:
     return {**zero, **settings}
 
 
-def deepspeed_config(config: Config, world_size: int, ds_json: dict | None = None) -> dict:
+def deepspeed_config(
+    config: Config, world_size: int, ds_json: dict | None = None, load_universal: bool = False
+) -> dict:
     """The DeepSpeed JSON (read from deepspeed.config unless given) with batch sizes, clipping and
     precision filled from the config (the one place they are decided), and at world size 1 the ZeRO-3 settings
-    of `one_rank_zero3` (more ranks get the JSON's ZeRO knobs)."""
+    of `one_rank_zero3` (more ranks get the JSON's ZeRO knobs). `load_universal`: the engine will load a
+    universal checkpoint (one written at another world size, see checkpoint.load)."""
     ds = dict(ds_json) if ds_json is not None else json.loads(Path(config.deepspeed.config).read_text())
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     ds.update(deepspeed_batch_settings(config, world_size))
     ds["bf16"] = {"enabled": resolve_dtype(config.model.dtype) == "bfloat16"}  # fp32 master weights either way
     ds.pop("fp16", None)
@@ -239,7 +261,9 @@ def comm_threads_single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None):
+def make_deepspeed_engine(
+    model: ThinkingLM, config: Config, world_size: int, ds_json: dict | None = None, load_universal: bool = False
+):
     """(engine, full_weights) where full_weights() gathers every partitioned ZeRO-3 parameter for rollout."""
     import deepspeed
 
@@ -249,7 +273,7 @@ def make_deepspeed_engine(model: ThinkingLM, config: Config, world_size: int, ds
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(config, world_size, ds_json),
+            config=deepspeed_config(config, world_size, ds_json, load_universal),
         )
     # Persistent parameters are never released (ZeRO-3 keeps them whole on every rank); gathering them here
     # would release them at the exit, and the learner's next forward would gather each one again.
@@ -296,13 +320,13 @@ def drop_one_rank_zero3_overheads(engine) -> None:
             master.data = weights.data
 
 
-def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None):
+def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None, load_universal: bool = False):
     """(model, tokenizer, engine, full_weights): the configured LM wrapped in ThinkingLM under ZeRO-3."""
     lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(lm)
     model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
-    engine, full_weights = make_deepspeed_engine(model, config, world_size, ds_json)
+    engine, full_weights = make_deepspeed_engine(model, config, world_size, ds_json, load_universal)
     return model, tokenizer, engine, full_weights
 
 

@@ -22,7 +22,7 @@ from qstar_rl.model import ThinkingLM, load_lm
 def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of ThinkingLM from a checkpoint folder (DeepSpeed ZeRO or plain)."""
     if (folder / "plain.pt").is_file():
-        return torch.load(folder / "plain.pt", weights_only=False)["model"]
+        return torch.load(folder / "plain.pt", weights_only=True)["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

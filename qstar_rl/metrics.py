@@ -6,9 +6,11 @@ inside the run directory, nothing under ~. Offline runs can be uploaded later wi
 """
 
 import json
+import logging
 import math
 import netrc
 import os
+import re
 import secrets
 import sys
 import time
@@ -17,6 +19,7 @@ from typing import Any
 
 from qstar_rl.config import Config, config_to_dict
 
+log = logging.getLogger("qstar_rl")
 THOUGHT_TABLE_COLUMNS = ["step", "position", "context", "thought", "next_tokens", "reward", "advantage"]
 
 
@@ -107,11 +110,23 @@ class MetricsLogger:
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
-    """Keep the JSON lines of `path` whose step is <= `step` (the resumed step will log the rest again)."""
+    """Keep the JSON lines of `path` whose step is <= `step` (the resumed step will log the rest again). A line
+    that is not JSON (torn by a power loss or a full disk) is dropped with a warning."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept, torn = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+            row_step = row.get("step", 0)
+        except (ValueError, AttributeError, RecursionError):
+            torn += 1
+            continue
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line)
+    if torn:
+        log.warning("%s: dropped %d line(s) that are not JSON (a torn write)", path, torn)
     if len(kept) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -147,6 +162,11 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def valid_wandb_run_id(text: str) -> bool:
+    """What this project writes to wandb_run_id (secrets.token_hex): an empty or damaged file is not one."""
+    return re.fullmatch(r"[a-z0-9]{1,64}", text) is not None
+
+
 def _start_wandb(config: Config, run_dir: Path, mode: str):
     import wandb
 
@@ -163,7 +183,11 @@ def _start_wandb(config: Config, run_dir: Path, mode: str):
         path.mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(path)
     id_file = run_dir / "wandb_run_id"  # a resumed run continues the same wandb run
-    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    run_id = id_file.read_text(errors="replace").strip() if id_file.exists() else ""
+    if not valid_wandb_run_id(run_id):
+        if id_file.exists():
+            log.warning("%s holds no valid wandb run id (%r): starting a new wandb run", id_file, run_id[:20])
+        run_id = secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
         project=config.wandb.project,

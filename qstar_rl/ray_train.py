@@ -32,7 +32,7 @@ import yaml
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from qstar_rl import checkpoint
+from qstar_rl import checkpoint, rundir
 from qstar_rl.config import (
     ClusterConfig,
     Config,
@@ -48,6 +48,7 @@ from qstar_rl.learner import step_timings, throughput
 from qstar_rl.metrics import MetricsLogger
 from qstar_rl.model import load_tokenizer
 from qstar_rl.ray_workers import LearnerWorker, RolloutWorker
+from qstar_rl.rundir import RunDirError
 from qstar_rl.train import log_step, setup_logging
 
 log = logging.getLogger("qstar_rl")
@@ -70,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")
     parser.add_argument("--resume", choices=["auto", "never"], default="auto", help="as for qstar-rl train")
+    parser.add_argument("--allow-config-change", action="store_true", help="as for qstar-rl train")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
     return parser.parse_args(argv)
 
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(ConfigError(problems), file=sys.stderr)
         return 2
     try:
-        train(config, resume=args.resume == "auto")
-    except ResourceError as err:
+        train(config, resume=args.resume == "auto", allow_config_change=args.allow_config_change)
+    except (ResourceError, RunDirError, checkpoint.CheckpointReadError) as err:
         print(f"qstar-rl ray-train: {err}", file=sys.stderr)
         return 2
     except ActorFailure as err:
@@ -270,20 +272,20 @@ class ActorGroup:
             Named(f"learner-{r}", getattr(a, method).remote(*([per_rank[r]] if per_rank else []), *args))
             for r, a in enumerate(self.learners)
         ]
-        return wait_all(calls, timeout or self.config.cluster.step_timeout_s, method)
+        return wait_all(calls, timeout or self.config.train.step_timeout_s, method)
 
     def on_rollouts(self, method: str, *args, timeout: float | None = None) -> list:
         calls = [Named(f"rollout-{i}", getattr(a, method).remote(*args)) for i, a in enumerate(self.rollouts)]
-        return wait_all(calls, timeout or self.config.cluster.step_timeout_s, method)
+        return wait_all(calls, timeout or self.config.train.step_timeout_s, method)
 
-    def setup(self, resume_from: Path | None) -> int:
+    def setup(self, resume_from: Path | None, other_world_size: bool = False) -> int:
         """Start DeepSpeed on the learners (rank 0 names the rendezvous), load models; returns the step."""
         startup = self.config.cluster.startup_timeout_s
         rendezvous = Named("learner-0", self.learners[0].address.remote())
         master_addr, master_port = wait_all([rendezvous], startup, "address")[0]
         pending_rollouts = [Named(f"rollout-{i}", a.setup.remote()) for i, a in enumerate(self.rollouts)]
         folder = str(resume_from) if resume_from else None
-        steps = self.on_learners("setup", master_addr, master_port, folder, timeout=startup)
+        steps = self.on_learners("setup", master_addr, master_port, folder, other_world_size, timeout=startup)
         rank0_dtype = Named("learner-0", self.learners[0].model_dtype.remote())
         self.model_dtype: str = wait_all([rank0_dtype], startup, "model_dtype")[0]  # model.dtype as resolved there
         wait_all(pending_rollouts, startup, "setup")
@@ -338,21 +340,26 @@ def draw(stream: WindowStream, batches: Iterator[list[list[dict]]]) -> DrawnStep
     return DrawnStep(per_rank, copy.copy(stream.position), copy.copy(stream.stats))
 
 
-def train(config: Config, resume: bool = True) -> Path:
-    """Run (or resume) training on Ray; returns the run directory. Raises ResourceError, ActorFailure."""
+def train(config: Config, resume: bool = True, allow_config_change: bool = False) -> Path:
+    """Run (or resume) training on Ray; returns the run directory. Raises ResourceError, ActorFailure,
+    RunDirError (the run directory is in use, damaged, or the config change is refused)."""
     run_dir = Path(config.train.run_dir).resolve()
     config = copy.deepcopy(config)
     config.train.run_dir = str(run_dir)  # the actors may run elsewhere: no paths relative to this process
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = rundir.lock(run_dir)  # held by this driver until it exits
+    plan = rundir.plan_start(run_dir, resume, config_to_dict(config), allow_config_change, config.cluster.learners)
     setup_logging(run_dir, 0)
-    config_dict = config_to_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    for note in plan.notes:
+        log.warning("%s", note)
     started_ray = connect(config.cluster)
     try:
         restarts = 0
+        resume_from = Path(plan.resume_from) if plan.resume_from else None
+        written_by = plan.written_by_world_size
         while True:
             try:
-                run_attempt(config, resume or restarts > 0, restarts)
+                run_attempt(config, resume_from, written_by, restarts)
                 return run_dir
             except ActorFailure as failure:
                 if restarts >= config.cluster.max_restarts:
@@ -361,15 +368,18 @@ def train(config: Config, resume: bool = True) -> Path:
                 log.warning(
                     "%s\nrestart %d of %d from the last checkpoint", failure, restarts, config.cluster.max_restarts
                 )
+                found = checkpoint.find_resumable(run_dir)
+                resume_from, written_by = found.folder, found.world_size
     finally:
         if started_ray:
             ray.shutdown()
+        os.close(lock)
 
 
-def run_attempt(config: Config, resume: bool, restarts: int) -> None:
-    """Place the actors, resume from the last checkpoint if any, and train to train.steps."""
+def run_attempt(config: Config, latest: Path | None, written_by: int | None, restarts: int) -> None:
+    """Place the actors, resume from checkpoint `latest` (written by `written_by` ranks) if given, and train
+    to train.steps."""
     run_dir, cluster = Path(config.train.run_dir), config.cluster
-    latest = checkpoint.latest_checkpoint(run_dir) if resume else None
     state = checkpoint.load_run_state(latest) if latest else checkpoint.RunState()
     tokenizer = load_tokenizer(config.model.name)
     stream = WindowStream(config.data, tokenizer, seed=config.train.seed, rank=0, world_size=cluster.learners)
@@ -381,14 +391,14 @@ def run_attempt(config: Config, resume: bool, restarts: int) -> None:
     group = ActorGroup(config)
     logger = None
     try:
-        step = group.setup(latest)
+        step = group.setup(latest, written_by not in (None, cluster.learners))
         if step != state.step:
             raise ActorFailure(f"learners resumed at step {step}, the run state says {state.step}")
         # model.dtype as the learners resolved it on their own devices (the driver may be a CPU head node)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=group.model_dtype))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         if group.rollouts:
-            wait_all(group.push_weights(step), cluster.step_timeout_s, "load_weights")
+            wait_all(group.push_weights(step), config.train.step_timeout_s, "load_weights")
         log.info(
             "ray-train %s (%s): %d learners, %s, started in %.1f s%s",
             config.model.name,
@@ -410,7 +420,7 @@ def run_attempt(config: Config, resume: bool, restarts: int) -> None:
             else:
                 thoughts = upcoming_thoughts or group.sample(current.per_rank, state.step + 1)
                 rollout_start = time.perf_counter()
-                wait_all(pending_loads + [t for row in thoughts for t in row], cluster.step_timeout_s, "sample")
+                wait_all(pending_loads + [t for row in thoughts for t in row], config.train.step_timeout_s, "sample")
                 rollout_seconds = time.perf_counter() - rollout_start
                 if cluster.async_rollout and state.step + 1 < config.train.steps:
                     # Sampled by the weights that are about to be updated: one version stale when learned.
@@ -422,7 +432,7 @@ def run_attempt(config: Config, resume: bool, restarts: int) -> None:
                 sync_start = time.perf_counter()
                 pending_loads = group.push_weights(state.step + 1)  # queued behind the prefetched samples
                 if not cluster.async_rollout:
-                    wait_all(pending_loads, cluster.step_timeout_s, "load_weights")
+                    wait_all(pending_loads, config.train.step_timeout_s, "load_weights")
                     pending_loads = []
                 seconds = time.perf_counter() - step_start
                 learn_seconds = results[0].metrics["time/learn"]
@@ -439,7 +449,7 @@ def run_attempt(config: Config, resume: bool, restarts: int) -> None:
             if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
                 group.on_learners("save_checkpoint", state)
         if pending_loads:
-            wait_all(pending_loads, cluster.step_timeout_s, "load_weights")
+            wait_all(pending_loads, config.train.step_timeout_s, "load_weights")
         log.info("done: %s", run_dir)
     finally:
         if logger is not None:

@@ -59,9 +59,9 @@ class LearnerWorker:
         """This node's address and a free port: rank 0's become the process group's rendezvous."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int, resume_from: str | None) -> int:
-        """Join the process group, build the engine, load checkpoint `resume_from` if given; returns the
-        optimizer steps already taken."""
+    def setup(self, master_addr: str, master_port: int, resume_from: str | None, other_world_size: bool) -> int:
+        """Join the process group, build the engine, load checkpoint `resume_from` if given (written at another
+        world size: `other_world_size`); returns the optimizer steps already taken."""
         os.environ.update(
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
@@ -69,18 +69,18 @@ class LearnerWorker:
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
         )
-        init_distributed()
+        init_distributed(self.config.train.step_timeout_s)
         # model.dtype 'auto' is decided by this actor's device, not the driver's (which may be a CPU head node).
         self.config = with_resolved_dtype(self.config)
         torch.manual_seed(self.config.train.seed)
         self.model, self.tokenizer, self.engine, self.full_weights = build_thinking_engine(
-            self.config, self.world_size, self.ds_json
+            self.config, self.world_size, self.ds_json, load_universal=other_world_size
         )
         if self.rank == 0:
             log.warning(partition_report(self.model, self.rank))
         self.step = 0
         if resume_from is not None:
-            state = checkpoint.load(self.engine, Path(resume_from), self.rank)
+            state = checkpoint.load(self.engine, Path(resume_from), self.rank, other_world_size)
             checkpoint.restore_rngs(state)
             self.step = state.step
         return self.step
@@ -91,7 +91,7 @@ class LearnerWorker:
 
     def learn(self, thought_refs: list[ray.ObjectRef], policy_version: int) -> StepResult:
         """One optimizer step on this rank's micro-batches, sampled by the rollout actors."""
-        thoughts = [t.to(_device()) for t in ray.get(thought_refs, timeout=self.config.cluster.step_timeout_s)]
+        thoughts = [t.to(_device()) for t in ray.get(thought_refs, timeout=self.config.train.step_timeout_s)]
         result = learn_step(self.engine, thoughts, self.config, policy_version, all_reduce_sum, self.world_size)
         self.step = policy_version + 1
         return result
@@ -171,7 +171,7 @@ class RolloutWorker:
         """Copy published weight chunks in, one chunk in memory at a time; returns the new version."""
         loaded = 0
         for ref in chunk_refs:
-            for name, tensor in ray.get(ref, timeout=self.config.cluster.step_timeout_s).items():
+            for name, tensor in ray.get(ref, timeout=self.config.train.step_timeout_s).items():
                 self.params[name].data.copy_(tensor)
                 loaded += 1
         if loaded != len(self.params):

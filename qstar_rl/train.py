@@ -4,9 +4,10 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module qstar_rl.train --config ...   # 2 ranks on CPU (gloo)
     deepspeed --num_gpus 8 --module qstar_rl.train --config ...                      # 8 GPUs (NCCL)
 
-A run directory holds config.yaml, metrics.jsonl, thoughts.jsonl, train.log, checkpoints/ and wandb/.
-Starting again with the same run directory resumes from its last complete checkpoint (--resume never
-starts over instead, after moving the old checkpoints aside is up to you).
+A run directory holds config.yaml, metrics.jsonl, thoughts.jsonl, train.log, checkpoints/, attempts/ and wandb/.
+Starting again with the same run directory resumes from its newest intact checkpoint; --resume never starts
+over instead, after moving the old history to previous-<time>/ (see qstar_rl/rundir.py).
+Exit codes: 0 done, 1 a failure during training (named in the log), 2 bad input (config, run directory).
 """
 
 import argparse
@@ -19,13 +20,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
-from qstar_rl import checkpoint
+from qstar_rl import checkpoint, rundir
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
 from qstar_rl.data import HELDOUT_OF, DataStats, WindowStream
 from qstar_rl.engine import (
     all_reduce_sum,
+    broadcast_from_rank0,
     build_thinking_engine,
     init_distributed,
     partition_report,
@@ -35,6 +36,7 @@ from qstar_rl.eval import eval_due, periodic_eval
 from qstar_rl.learner import StepResult, train_step
 from qstar_rl.metrics import MetricsLogger
 from qstar_rl.report import end_of_run_report
+from qstar_rl.rundir import RunDirError
 
 log = logging.getLogger("qstar_rl")
 
@@ -49,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "never"],
         default="auto",
         help="auto: continue from the run directory's last complete checkpoint, if any",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes the method (thought length, R, K, T, model, data, seed)",
     )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -73,8 +80,39 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    train(config, resume=args.resume == "auto")
+    try:
+        train(config, resume=args.resume == "auto", allow_config_change=args.allow_config_change)
+    except (RunDirError, checkpoint.CheckpointReadError) as err:
+        if os.environ.get("RANK", "0") == "0":  # every rank raises the same error; one says it
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (checkpoint.CheckpointWriteError, RankTimeout) as err:
+        log.error("%s", err)
+        return 1
     return 0
+
+
+class RankTimeout(Exception):
+    """A collective waited longer than train.step_timeout_s for another rank."""
+
+
+def start_plan(
+    run_dir: Path, resume: bool, config_dict: dict, allow_config_change: bool, rank: int, world: int
+) -> tuple[rundir.StartPlan, int | None]:
+    """Rank 0 locks the run directory and decides where to start; every rank gets the same plan or the same
+    RunDirError. Returns the plan and rank 0's lock (an open descriptor: the lock lasts while it is open)."""
+    outcome: rundir.StartPlan | RunDirError
+    lock = None
+    if rank == 0:
+        try:
+            lock = rundir.lock(run_dir)
+            outcome = rundir.plan_start(run_dir, resume, config_dict, allow_config_change, world)
+        except RunDirError as err:
+            outcome = err
+    outcome = broadcast_from_rank0(outcome if rank == 0 else None)
+    if isinstance(outcome, RunDirError):
+        raise outcome
+    return outcome, lock
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -89,29 +127,39 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     )
 
 
-def train(config: Config, resume: bool = True) -> Path:
-    """Run (or resume) training; returns the run directory."""
-    rank, world, local_rank = init_distributed()
+def train(config: Config, resume: bool = True, allow_config_change: bool = False) -> Path:
+    """Run (or resume) training; returns the run directory. Raises RunDirError (bad run directory or refused
+    config change), CheckpointWriteError (disk full), RankTimeout (a rank stopped answering)."""
+    rank, world, local_rank = init_distributed(config.train.step_timeout_s)
     config = with_resolved_dtype(config)  # 'auto' -> this rank's device decides; config.yaml records the outcome
     run_dir = Path(config.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir, rank)
-    config_dict = config_to_dict(config)
     if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = config_to_dict(config)
+    plan, lock = start_plan(run_dir, resume, config_dict, allow_config_change, rank, world)
+    setup_logging(run_dir, rank)
+    for note in plan.notes if rank == 0 else []:
+        log.warning("%s", note)
+    rundir.watch_launcher(rank)
+    heartbeats = rundir.Heartbeats(run_dir, rank)
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    model, tokenizer, engine, full_weights = build_thinking_engine(config, world)
+    # A checkpoint from another world size loads through DeepSpeed's universal format (same global batch: the
+    # data stream's position is global, so the run continues as an uninterrupted one at this world size would).
+    other_world = plan.resume_from is not None and plan.written_by_world_size not in (None, world)
+    model, tokenizer, engine, full_weights = build_thinking_engine(config, world, load_universal=other_world)
     log.info(partition_report(model, rank))
     accumulation = config.train.global_batch_size // (config.train.micro_batch_size * world)
     stream = WindowStream(config.data, tokenizer, seed=config.train.seed, rank=rank, world_size=world)
 
     state = checkpoint.RunState()
-    latest = checkpoint.latest_checkpoint(run_dir) if resume else None
+    latest = Path(plan.resume_from) if plan.resume_from else None
     if latest is not None:
-        state = checkpoint.load(engine, latest, rank)
+        if other_world:
+            log.info("%s was written by %d rank(s); resuming on %d", latest.name, plan.written_by_world_size, world)
+        state = checkpoint.load(engine, latest, rank, other_world)
         checkpoint.restore_rngs(state)
         stream.position, stream.stats = copy.copy(state.data), copy.copy(state.data_stats)
         log.info("resumed from %s (step %d)", latest, state.step)
@@ -134,14 +182,20 @@ def train(config: Config, resume: bool = True) -> Path:
     )
 
     while state.step < config.train.steps:
+        heartbeats.beat(state.step + 1, "starting")
         micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accumulation)]
-        result = train_step(engine, model, micro_batches, config, state.step, all_reduce_sum, world, full_weights)
+        try:
+            result = train_step(engine, model, micro_batches, config, state.step, all_reduce_sum, world, full_weights)
+        except RuntimeError as err:
+            raise_if_timeout(err, heartbeats, world, config.train.step_timeout_s)
+            raise
         state.step += 1
         extra = {}
         if eval_due(config.eval, state.step, config.train.steps):
             extra = periodic_eval(model, tokenizer, config.eval, full_weights)
         log_step(logger, config, tokenizer, state, result, stream.stats, extra)
         if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
+            heartbeats.beat(state.step, "checkpointing after")
             checkpoint.capture_rngs(state)
             state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)
             checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
@@ -152,7 +206,19 @@ def train(config: Config, resume: bool = True) -> Path:
         log.info("measuring thinking on %d held-out windows (%s) ...", config.train.report_windows, heldout)
         for line in end_of_run_report(run_dir, heldout, config.data.seq_len, config.train.report_windows):
             log.info(line)
+    if lock is not None:
+        os.close(lock)
     return run_dir
+
+
+def raise_if_timeout(err: RuntimeError, heartbeats: rundir.Heartbeats, world: int, timeout_s: float) -> None:
+    """Turn a collective's timeout into a RankTimeout naming the rank that stopped answering."""
+    text = str(err).lower()
+    if world > 1 and ("timed out" in text or "timeout" in text or "connection closed" in text):
+        raise RankTimeout(
+            f"a collective waited more than train.step_timeout_s ({timeout_s:g} s): {heartbeats.stop_laggard(world)}; "
+            "stopping the job"
+        ) from err
 
 
 def log_step(

@@ -27,7 +27,7 @@ RAY_ARGS = [
     "cluster.rollout_workers=1",
     "cluster.gpus_per_learner=0",
     "cluster.gpus_per_rollout=0",
-    "cluster.step_timeout_s=180",
+    "train.step_timeout_s=180",
     "train.micro_batch_size=1",
     "train.global_batch_size=2",
 ]

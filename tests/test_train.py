@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_a_finished_run_reports_thinking_on_held_out_text(tiny_run):
 
 
 def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(tmp_path):
-    overrides = ["train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4", *EVAL]
+    overrides = ["train.steps=4", "train.micro_batch_size=2", "train.global_batch_size=4", *EVAL]
     one = tmp_path / "one"
     train(one, *overrides)  # 1 rank, 2 accumulation micro-batches
     two = tmp_path / "two"
@@ -143,41 +144,77 @@ def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(tm
     assert "(50.0%)" in held or "(49." in held or "(50." in held, held  # parameters really partitioned
     assert proc.returncode == 0
     a, b = metrics(one), metrics(two)
-    assert len(a) == len(b) == 3
-    for row_a, row_b in zip(a, b, strict=True):
-        for key in ("loss/total", "loss/policy", "loss/nll_base", "loss/nll_talk", "reward/mean", "optim/grad_norm"):
-            assert row_a[key] == pytest.approx(row_b[key], abs=1e-4, rel=1e-4), (row_a["step"], key)
+    assert len(a) == len(b) == 4
+    assert_same_losses(a, b)
     for key in EVAL_KEYS:  # evaluated with the gathered ZeRO-3 weights: the same numbers as one rank
         assert a[1][key] == pytest.approx(b[1][key], abs=1e-5, rel=1e-4), key
 
+    # A checkpoint resumes on another world size (DeepSpeed's universal format, the same global batch): 1 -> 2
+    # and 2 -> 1 ranks continue as the uninterrupted runs did.
+    for source, ranks, written_by in ((one, 2, 1), (two, 1, 2)):
+        resumed = tmp_path / f"{source.name}_then_{ranks}"
+        shutil.copytree(source, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_000004")  # as if stopped after step 2
+        train(resumed, *overrides[:3], ranks=ranks)  # without the periodic eval (listed as a change)
+        log = (resumed / "train.log").read_text()
+        assert f"step_000002 was written by {written_by} rank(s); resuming on {ranks}" in log
+        assert not list((resumed / "checkpoints").glob("universal-*")), "the converted copy is removed"
+        rows = metrics(resumed)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        assert_same_losses(a, rows)
 
-def test_resume_after_a_kill_continues_exactly(tmp_path):
-    straight = tmp_path / "straight"
-    train(straight, "train.checkpoint_every=2")
-    resumed = tmp_path / "resumed"
-    killed = train(resumed, "train.checkpoint_every=2", check=False, QSTAR_RL_KILL_AT="saved_2")
-    assert killed.returncode == -signal.SIGKILL
-    assert [r["step"] for r in metrics(resumed)] == [1, 2]
-    train(resumed, "train.checkpoint_every=2")
-    a, b = metrics(straight), metrics(resumed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+
+def assert_same_losses(a: list[dict], b: list[dict]) -> None:
     for row_a, row_b in zip(a, b, strict=True):
-        assert {k: row_a[k] for k in DETERMINISTIC} == {k: row_b[k] for k in DETERMINISTIC}, row_a["step"]
-    assert "resumed from" in (resumed / "train.log").read_text()
+        for key in ("loss/total", "loss/policy", "loss/nll_base", "loss/nll_talk", "reward/mean", "optim/grad_norm"):
+            assert row_a[key] == pytest.approx(row_b[key], abs=1e-4, rel=1e-4), (row_a["step"], key)
 
 
-def test_a_kill_while_checkpointing_leaves_the_previous_one_loadable(tmp_path):
+def test_a_restart_passes_over_partial_and_damaged_checkpoints_and_never_trains_over_them(tmp_path):
     run_dir = tmp_path / "run"
     killed = train(run_dir, "train.checkpoint_every=2", check=False, QSTAR_RL_KILL_AT="checkpoint_midway_4")
     assert killed.returncode == -signal.SIGKILL
+    straight = metrics(run_dir)  # steps 1-4 were logged before the kill: the rows of an uninterrupted run
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
     checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step_000002"
-    assert (checkpoints / "step_000004").is_dir()  # half written, never marked latest
+    assert (checkpoints / "step_000004").is_dir() and not (checkpoints / "step_000004" / "manifest.json").exists()
     state = checkpoint_state_dict(checkpoints / "step_000002")  # loadable without any process group
     assert "start_embedding" in state and torch.isfinite(state["start_embedding"]).all()
-    train(run_dir, "train.checkpoint_every=2")  # resumes from step 2 and rewrites step 4
+    (checkpoints / "latest").write_text("garbage")
+    proc = train(run_dir, "train.checkpoint_every=2")  # ignores the half-written step 4, resumes from step 2
+    assert "checkpoints/latest is unusable: holds 'garbage'" in proc.stderr
+    assert f"resumed from {checkpoints / 'step_000002'} (step 2)" in (run_dir / "train.log").read_text()
     assert (checkpoints / "latest").read_text() == "step_000004"
+    resumed = metrics(run_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for row_a, row_b in zip(straight, resumed, strict=True):  # steps 3-4 again, exactly as the first time
+        assert {k: row_a[k] for k in DETERMINISTIC} == {k: row_b[k] for k in DETERMINISTIC}, row_a["step"]
+
+    # Every checkpoint damaged: the restart names each and stops (exit 2) before training; nothing is lost.
+    optim = next((checkpoints / "step_000004").glob("*optim_states.pt"))
+    flip_byte(optim)
+    os.truncate(checkpoints / "step_000002" / "run_state_rank0.pt", 100)
+    proc = train(run_dir, "train.checkpoint_every=2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "has checkpoints but none is intact" in proc.stderr
+    assert f"step_000004 is damaged: {optim.name} does not match its checksum" in proc.stderr
+    assert "step_000002 is damaged: run_state_rank0.pt has 100 bytes, the manifest says" in proc.stderr
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+    # Starting over is the user's call, and the old history is moved aside, not deleted.
+    train(run_dir, "train.steps=1", "--resume", "never")
+    (previous,) = run_dir.glob("previous-*")
+    assert [r["step"] for r in metrics(previous)] == [1, 2, 3, 4]
+    assert {p.name for p in (previous / "checkpoints").glob("step_*")} == {"step_000002", "step_000004"}
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+    assert [p.name for p in (run_dir / "attempts").glob("*.yaml")] == ["001.yaml"]
+    assert len(list((previous / "attempts").glob("*.yaml"))) == 2  # the killed start and its resume
+
+
+def flip_byte(path: Path, offset: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
 
 
 def test_bad_config_lists_every_problem_and_exits_2(tmp_path):
