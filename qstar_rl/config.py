@@ -1,6 +1,9 @@
 """Typed configuration. Each field carries a one-line docstring (the string right below it)."""
 
+import glob
 import json
+import math
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -310,10 +313,38 @@ class ConfigError(ValueError):
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
+    """(dotted key, value) of one `dotted.key=value`; raises ValueError saying what is wrong with it."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError([f"override {text!r} is not of the form dotted.key=value"])
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form dotted.key=value")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"{key.strip()}: the value {raw!r} is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where (line and column, counted from 1)."""
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = " (YAML indents with spaces, not tabs)" if "\\t" in what or "\t" in what else ""
+    return f"{what}{where}{hint}"
+
+
+def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """A YAML file's top-level mapping, or {} and the problems (missing, not UTF-8, not YAML, not a mapping)."""
+    if not path.is_file():
+        return {}, [f"--config: no such file {path}"]
+    try:
+        loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        return {}, [f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8"]
+    except yaml.YAMLError as err:
+        return {}, [f"{path}: not valid YAML: {_yaml_problem(err)}"]
+    if not isinstance(loaded, dict):
+        return {}, [f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"]
+    return loaded, []
 
 
 _BAD = object()  # marks a value that could not be coerced (the field keeps its default)
@@ -326,13 +357,19 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
         if value is None:
             return None
         annotation = next(a for a in args if a is not type(None))
+    number = None
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        number = float(value)
     if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+    if number is not None:
+        if math.isfinite(number):
+            return number
+        problems.append(f"{key}: must be a finite number, got {value!r}")
+        return _BAD
     if annotation in (int, str, bool, float) and type(value) is annotation:
         return value
     if typing.get_origin(annotation) is list:  # a YAML list, or a comma-separated string on the command line
@@ -375,12 +412,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]):
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set tree[a][b][c] for key "a.b.c"; raises ValueError when a parent is a value, not a section."""
     *parents, leaf = key.split(".")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError([f"{key}: {part} is not a section"])
+            raise ValueError(f"{key}: {part} is a value, not a section")
     node[leaf] = value
 
 
@@ -402,16 +440,13 @@ def load_config_and_problems(
     tree: dict[str, Any] = {}
     problems: list[str] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"--config: no such file {path}"])
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping"])
-        tree = loaded
+        tree, problems = read_yaml_mapping(Path(path))
     for text in overrides:
-        key, value = _parse_override(text)
-        _set_dotted(tree, key, value)
+        try:
+            key, value = _parse_override(text)
+            _set_dotted(tree, key, value)
+        except ValueError as err:
+            problems.append(str(err))
     return _build(schema, tree, "", problems), problems
 
 
@@ -431,11 +466,94 @@ def _positive(problems: list[str], key: str, value: float, minimum: float = 1, s
 
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+"""Families of the random tiny test models, model.name "tiny-<family>"."""
 
 
 def looks_local(source: str) -> bool:
     """A data source that names local files rather than a hub dataset or the embedded corpus."""
-    return source.endswith(LOCAL_DATA_SUFFIXES) or source.startswith((".", "/", "~")) or "*" in source
+    return (
+        source.endswith(LOCAL_DATA_SUFFIXES)
+        or source.startswith((".", "/", "~"))
+        or "*" in source
+        or Path(source).expanduser().exists()
+    )
+
+
+def local_data_files(source: str) -> list[Path]:
+    """The files a local data.source names: a file, a folder (its files with a supported suffix, recursively)
+    or a glob, relative or absolute (`**` crosses folders)."""
+    if "*" in source:
+        return sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True) if Path(m).is_file())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*") if f.suffix in LOCAL_DATA_SUFFIXES and f.is_file())
+    return [path] if path.is_file() else []
+
+
+def _data_source_problems(source: str) -> list[str]:
+    if not looks_local(source):
+        return []
+    files = local_data_files(source)
+    if not files:
+        return [f"data.source: no such file or folder {source}" + (" (no file matches)" if "*" in source else "")]
+    unknown = sorted({f.suffix or "(none)" for f in files if f.suffix not in LOCAL_DATA_SUFFIXES})
+    if unknown:
+        return [
+            f"data.source: {source} has files with unsupported suffix {', '.join(unknown)} "
+            f"(supported: {', '.join(LOCAL_DATA_SUFFIXES)})"
+        ]
+    return []
+
+
+def _model_name_problems(name: str) -> list[str]:
+    if name.startswith("tiny-"):
+        family = name.removeprefix("tiny-")
+        if family not in TINY_FAMILIES:
+            return [f"model.name: {name!r}: tiny models exist for {', '.join('tiny-' + f for f in TINY_FAMILIES)}"]
+        return []
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or path.exists():
+        if not (path / "config.json").is_file():
+            return [f"model.name: {name} is not a model folder (no config.json there)"]
+    return []
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (or of its largest GPU, if larger): what activations cannot exceed."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            memory = max(memory, torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:
+        pass
+    return memory
+
+
+def activation_floor_bytes(config: Config) -> int:
+    """A lower bound on one micro-batch's activation memory: every token a step scores (the text and, for each
+    of R thoughts at each of T positions, <sot> + M thought tokens + <eot> + K talk tokens) keeps at least one
+    hidden vector per layer for backward, even with activation checkpointing; counted at 2 bytes per value
+    with a hidden size of 64 and one layer, smaller than any real model, so that exceeding the machine's
+    memory means the config cannot run anywhere like it."""
+    t, tr = config.thought, config.train
+    tokens = tr.micro_batch_size * config.data.seq_len * (1 + t.num_thoughts * (t.length + t.talk_length + 2))
+    return tokens * 64 * 2
+
+
+def _size_problems(config: Config) -> list[str]:
+    floor, memory = activation_floor_bytes(config), machine_memory_bytes()
+    if floor <= memory:
+        return []
+    t = config.thought
+    return [
+        f"train.micro_batch_size x data.seq_len x thought.num_thoughts x (thought.length + thought.talk_length + 2) "
+        f"= {config.train.micro_batch_size} x {config.data.seq_len} x {t.num_thoughts} x "
+        f"({t.length} + {t.talk_length} + 2): one micro-batch needs at least {floor / 2**30:,.0f} GiB of "
+        f"activations, this machine has {memory / 2**30:,.0f} GiB"
+    ]
 
 
 def deepspeed_batch_settings(config: Config, world_size: int) -> dict[str, Any]:
@@ -464,10 +582,10 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     if d.seq_len <= t.talk_length + 1:
         p.append(f"data.seq_len: must exceed thought.talk_length + 1 = {t.talk_length + 1}, got {d.seq_len}")
     _positive(p, "data.min_doc_tokens", d.min_doc_tokens)
-    if looks_local(d.source):
-        matches = list(Path().glob(d.source)) if "*" in d.source else [Path(d.source).expanduser()]
-        if not any(m.exists() for m in matches):
-            p.append(f"data.source: no such file or folder {d.source}")
+    p.extend(_data_source_problems(d.source))
+    p.extend(_model_name_problems(config.model.name))
+    if Path(tr.run_dir).expanduser().exists() and not Path(tr.run_dir).expanduser().is_dir():
+        p.append(f"train.run_dir: {tr.run_dir} is a file, not a folder")
     _choice(p, "model.dtype", config.model.dtype, MODEL_DTYPES)
     if not 0 <= config.loss.nll_base_weight <= 1:
         p.append(f"loss.nll_base_weight: must lie in [0, 1], got {config.loss.nll_base_weight}")
@@ -501,6 +619,9 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     _choice(p, "wandb.mode", config.wandb.mode, ("auto", "online", "offline", "disabled"))
     p.extend(_eval_problems(config.eval))
     p.extend(_deepspeed_json_problems(config, world_size, batch_ok))
+    sizes = (t.num_thoughts, t.length, t.talk_length, d.seq_len, tr.micro_batch_size)
+    if all(size >= 1 for size in sizes):  # else reported above
+        p.extend(_size_problems(config))
     return p
 
 
@@ -550,12 +671,19 @@ def _deepspeed_json_problems(config: Config, world_size: int, batch_ok: bool) ->
     if not path.is_file():
         return [f"deepspeed.config: no such file {path}"]
     try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        return [f"deepspeed.config: {path} is not valid JSON ({err})"]
+        ds = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        return [f"deepspeed.config: {path} is not valid JSON ({type(err).__name__}: {err})"]
+    if not isinstance(ds, dict):
+        return [f"deepspeed.config: {path} must hold a JSON object at the top level, got {type(ds).__name__}"]
     problems = []
-    if not isinstance(ds.get("zero_optimization"), dict):
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
         problems.append(f"deepspeed.config: {path} has no zero_optimization section")
+    elif zero.get("stage", 0) != 3:
+        problems.append(
+            f"deepspeed.config: {path} asks for ZeRO stage {zero.get('stage', 0)!r}; qstar-rl runs ZeRO stage 3"
+        )
     if batch_ok:  # the values below are only meaningful when the batch sizes divide
         for key, want in deepspeed_batch_settings(config, world_size).items():
             have = ds.get(key, "auto")

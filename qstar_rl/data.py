@@ -21,6 +21,7 @@ the state a checkpoint needs to resume exactly.
 import copy
 import importlib.util
 import json
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -30,8 +31,10 @@ from typing import Any
 
 import torch
 
-from qstar_rl.config import LOCAL_DATA_SUFFIXES, DataConfig, looks_local
+from qstar_rl.config import DataConfig, local_data_files, looks_local
 from qstar_rl.corpus import corpus_documents
+
+log = logging.getLogger("qstar_rl")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class DataStats:
     """Documents that are empty or whitespace only."""
     skipped_too_short: int = 0
     """Documents with fewer than data.min_doc_tokens tokens."""
+    skipped_bad_files: int = 0
+    """Files that could not be read at all (a .parquet that is not parquet, an unreadable file)."""
 
     def as_metrics(self) -> dict[str, int]:
         return {f"data/{k}": v for k, v in asdict(self).items()}
@@ -126,19 +131,8 @@ def _field(record: Any, name: str, stats: DataStats) -> str | None:
     return value
 
 
-def local_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if "*" in source:
-        files = sorted(Path().glob(source))
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_DATA_SUFFIXES)
-    else:
-        files = [path]
-    return [f for f in files if f.is_file()]
-
-
 def _local_documents(config: DataConfig, stats: DataStats) -> Iterator[str | None]:
-    for path in local_files(config.source):
+    for path in local_data_files(config.source):
         if path.suffix == ".txt":
             yield _decode(path.read_bytes(), stats)
         elif path.suffix in (".jsonl", ".json"):
@@ -151,24 +145,59 @@ def _local_documents(config: DataConfig, stats: DataStats) -> Iterator[str | Non
                         continue
                     try:
                         record = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, RecursionError):  # also JSON nested too deep to parse
                         stats.skipped_undecodable += 1
                         continue
                     yield _field(record, config.text_field, stats)
-        else:  # parquet: typed columns, read with datasets
-            import datasets
+        else:  # parquet: typed columns
+            yield from _parquet_documents(path, config.text_field, stats)
 
-            table = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-            for record in table:
-                yield _field(record, config.text_field, stats)
+
+def _parquet_documents(path: Path, text_field: str, stats: DataStats) -> Iterator[str | None]:
+    """The records of one parquet file; a file that is not parquet (or breaks while reading) is skipped and
+    counted with a warning, keeping what it yielded before."""
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(columns=None):
+            for record in batch.to_pylist():
+                yield _field(record, text_field, stats)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        stats.skipped_bad_files += 1
+        log.warning("data: skipped %s, not a readable parquet file (%s)", path, err)
+
+
+class DataError(Exception):
+    """The data source cannot give every rank a training window (exit code 2); the message says why."""
 
 
 def _hub_documents(config: DataConfig, stats: DataStats, seed: int) -> Iterator[str | None]:
     import datasets
 
-    stream = datasets.load_dataset(config.source, config.hub_config, split=config.split, streaming=True)
-    for record in stream.shuffle(seed=seed, buffer_size=10_000):
+    try:
+        stream = datasets.load_dataset(config.source, config.hub_config, split=config.split, streaming=True)
+        records = iter(stream.shuffle(seed=seed, buffer_size=10_000))
+        first = next(records, None)
+    except Exception as err:  # offline, unknown, gated, renamed: say what to do instead of a deep stack
+        raise DataError(
+            f"data.source {config.source!r}: could not read it from the hub ({type(err).__name__}: "
+            f"{str(err)[:300]}); without the hub, give a local file, folder or glob (.jsonl, .json, .txt, .parquet)"
+        ) from None
+    for record in [first] if first is not None else []:
         yield _field(record, config.text_field, stats)
+    for record in records:
+        yield _field(record, config.text_field, stats)
+
+
+def check_source(config: DataConfig, tokenizer, seed: int, world_size: int) -> None:
+    """Read until every rank has its first window (before the model loads); raises DataError naming the source
+    and what was skipped when it cannot."""
+    stream = WindowStream(config, tokenizer, seed=seed, world_size=world_size)
+    try:
+        next(stream.rounds())
+    except ValueError as err:
+        skipped = ", ".join(f"{k.removeprefix('data/')} {v}" for k, v in stream.stats.as_metrics().items() if v)
+        raise DataError(f"{err} (documents and files seen: {skipped or 'none'})") from None
 
 
 def offline_documents(source: str) -> list[str] | None:

@@ -8,10 +8,12 @@ loopback). `PlainEngine` offers the DeepSpeed engine's small interface on one pr
 import contextlib
 import dataclasses
 import datetime
+import ipaddress
 import json
 import math
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -99,7 +101,8 @@ def prebuild_deepspeed_ops() -> None:
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     """(rank, world_size, local_rank); starts the process group (NCCL on GPUs, gloo on CPU) if needed. A
-    collective that waits longer than `timeout_s` for another rank raises instead of hanging."""
+    collective that waits longer than `timeout_s` for another rank raises instead of hanging. Local runs listen
+    on no outside interface (see `local_store`)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain single process
@@ -110,14 +113,52 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = local_store(world, timeout)
+        if store is not None:  # else DeepSpeed starts torch's TCP store from MASTER_ADDR / MASTER_PORT
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world, timeout=timeout
         )
     return rank, world, local
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def local_store(world: int, timeout: datetime.timedelta):
+    """The rendezvous store of a run that stays on this machine, or None for one that spans machines. torch's
+    TCP store listens on every interface whatever MASTER_ADDR says; one process needs no store at all (an
+    in-memory one), and ranks whose MASTER_ADDR is loopback (so all on this host) meet through a file, with
+    gloo's and NCCL's own sockets bound to the loopback interface."""
+    if world > 1 and not is_loopback(os.environ.get("MASTER_ADDR", "")):
+        return None
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    if world == 1:
+        return dist.HashStore()
+    store = dist.FileStore(str(rendezvous_file()), world)
+    store.set_timeout(timeout)
+    return store
+
+
+def rendezvous_file() -> Path:
+    """The file store of ranks on this host: same launcher (parent) and port, same job; a crashed job's file
+    never meets a later one."""
+    name = f"qstar-rl-rendezvous-{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    return Path(tempfile.gettempdir()) / name
+
+
+def finish_distributed() -> None:
+    """At the end of a run: wait for every rank, then rank 0 removes the rendezvous file (if any)."""
+    if dist.is_initialized():
+        barrier()
+        if dist.get_rank() == 0:
+            rendezvous_file().unlink(missing_ok=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 Only rank 0 logs. wandb: mode 'auto' runs online when an API key is configured (WANDB_API_KEY or a netrc
 entry for the wandb host) and offline otherwise; every wandb file (run, cache, config, artifacts) lives
-inside the run directory, nothing under ~. Offline runs can be uploaded later with `wandb sync`.
+inside the run directory, nothing under ~. Offline runs can be uploaded later with `wandb sync`. An unreachable
+or refusing wandb server never stops a run: it logs offline instead and says how to sync later.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -12,8 +14,10 @@ import netrc
 import os
 import re
 import secrets
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -189,13 +193,44 @@ def _start_wandb(config: Config, run_dir: Path, mode: str):
             log.warning("%s holds no valid wandb run id (%r): starting a new wandb run", id_file, run_id[:20])
         run_id = secrets.token_hex(4)
     id_file.write_text(run_id)
-    return wandb.init(
-        project=config.wandb.project,
-        name=config.wandb.name or run_dir.name,
-        id=run_id,
-        resume="allow",
-        mode=mode,
-        dir=str(run_dir),
-        config=config_to_dict(config),
-        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+
+    def init(mode: str):
+        return wandb.init(
+            project=config.wandb.project,
+            name=config.wandb.name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            config=config_to_dict(config),
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, init_timeout=60),
+        )
+
+    if mode != "online":
+        return init(mode)
+    problem = _unreachable(wandb.Settings().base_url)
+    if problem is None:
+        try:
+            return init("online")
+        except Exception as err:  # wandb raises its own CommError / UsageError / timeouts; none may stop a run
+            problem = f"{type(err).__name__}: {str(err)[:200]}"
+            with contextlib.suppress(Exception):
+                wandb.finish()
+    log.warning(
+        "wandb is unreachable (%s): logging offline into %s instead; upload later with `wandb sync %s`",
+        problem,
+        wandb_dir,
+        wandb_dir / "offline-run-*",
     )
+    return init("offline")
+
+
+def _unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+    """Why wandb's server at `url` cannot be reached (no TCP connection within `timeout_s`), or None."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{url}: {type(err).__name__}: {err}"
+    return None

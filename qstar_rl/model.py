@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from qstar_rl.config import ThoughtConfig
+from qstar_rl.config import TINY_FAMILIES, ThoughtConfig
 from qstar_rl.core.attention import branch_attention, branch_attention_dense
 from qstar_rl.core.layout import branch_length, branch_position_ids, gather_shifted, valid_positions
 from qstar_rl.core.mixing import MixingHead, mix_logits, token_logprobs
@@ -118,6 +118,27 @@ class ScoreOutput(NamedTuple):
     """(B, T) log p_base(x_{i+1}); the last column is 0 and unused."""
     valid: torch.Tensor
     """(B, T) bool: x_{i+1..i+K} inside the window and real."""
+
+
+class NonFiniteModel(RuntimeError):
+    """The model's weights or outputs are no longer finite (an optimizer step overflowed): training stops."""
+
+
+def _sample(logits: torch.Tensor, tau: float, generator) -> torch.Tensor:
+    """One token per row of logits (B, N, V) at temperature tau: one generator, or one per sequence."""
+    probs = (logits / tau).softmax(dim=-1)  # (B, N, V)
+    try:
+        if isinstance(generator, list | tuple):
+            rows = zip(probs, generator, strict=True)
+            return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in rows])
+        return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:2])
+    except RuntimeError as err:
+        if torch.isfinite(probs).all():
+            raise
+        raise NonFiniteModel(
+            "thought sampling met non-finite probabilities: the weights have overflowed (optim.lr far too high?). "
+            "Lower optim.lr and resume from the last complete checkpoint."
+        ) from err
 
 
 class ThinkingLM(nn.Module):
@@ -282,13 +303,8 @@ class ThinkingLM(nn.Module):
             logits = self._logits(hidden).float()  # (B, R*T, V)
             if greedy:
                 token = logits.argmax(dim=-1)
-            elif isinstance(generator, list | tuple):
-                probs = (logits / tau).softmax(dim=-1)  # (B, R*T, V)
-                rows = zip(probs, generator, strict=True)
-                token = torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in rows])  # (B, R*T)
             else:
-                probs = (logits / tau).softmax(dim=-1).view(-1, logits.shape[-1])
-                token = torch.multinomial(probs, 1, generator=generator).view(batch, -1)
+                token = _sample(logits, tau, generator)  # (B, R*T)
             ids.append(token)
             logprobs.append(token_logprobs(logits, token))
             if step + 1 < length:
@@ -398,9 +414,6 @@ def disable_dropout(lm: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 def tiny_lm(

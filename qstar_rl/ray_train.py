@@ -42,7 +42,7 @@ from qstar_rl.config import (
     validate,
     validate_cluster,
 )
-from qstar_rl.data import WindowStream
+from qstar_rl.data import DataError, WindowStream, check_source
 from qstar_rl.eval import eval_due
 from qstar_rl.learner import step_timings, throughput
 from qstar_rl.metrics import MetricsLogger
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(config, resume=args.resume == "auto", allow_config_change=args.allow_config_change)
-    except (ResourceError, RunDirError, checkpoint.CheckpointReadError) as err:
+    except (ResourceError, RunDirError, DataError, checkpoint.CheckpointReadError) as err:
         print(f"qstar-rl ray-train: {err}", file=sys.stderr)
         return 2
     except ActorFailure as err:
@@ -347,6 +347,7 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
     config = copy.deepcopy(config)
     config.train.run_dir = str(run_dir)  # the actors may run elsewhere: no paths relative to this process
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_source(config.data, load_tokenizer(config.model.name), config.train.seed, config.cluster.learners)
     lock = rundir.lock(run_dir)  # held by this driver until it exits
     plan = rundir.plan_start(run_dir, resume, config_to_dict(config), allow_config_change, config.cluster.learners)
     setup_logging(run_dir, 0)

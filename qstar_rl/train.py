@@ -23,11 +23,12 @@ import torch
 
 from qstar_rl import checkpoint, rundir
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
-from qstar_rl.data import HELDOUT_OF, DataStats, WindowStream
+from qstar_rl.data import HELDOUT_OF, DataError, DataStats, WindowStream, check_source
 from qstar_rl.engine import (
     all_reduce_sum,
     broadcast_from_rank0,
     build_thinking_engine,
+    finish_distributed,
     init_distributed,
     partition_report,
     with_resolved_dtype,
@@ -35,6 +36,7 @@ from qstar_rl.engine import (
 from qstar_rl.eval import eval_due, periodic_eval
 from qstar_rl.learner import StepResult, train_step
 from qstar_rl.metrics import MetricsLogger
+from qstar_rl.model import NonFiniteModel, load_tokenizer
 from qstar_rl.report import end_of_run_report
 from qstar_rl.rundir import RunDirError
 
@@ -82,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(config, resume=args.resume == "auto", allow_config_change=args.allow_config_change)
-    except (RunDirError, checkpoint.CheckpointReadError) as err:
+    except (RunDirError, DataError, checkpoint.CheckpointReadError) as err:
         if os.environ.get("RANK", "0") == "0":  # every rank raises the same error; one says it
             print(f"error: {err}", file=sys.stderr)
         return 2
-    except (checkpoint.CheckpointWriteError, RankTimeout) as err:
+    except (checkpoint.CheckpointWriteError, RankTimeout, NonFiniteModel) as err:
         log.error("%s", err)
         return 1
     return 0
@@ -136,6 +138,7 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = config_to_dict(config)
+    check_source(config.data, load_tokenizer(config.model.name), config.train.seed, world)  # before anything moves
     plan, lock = start_plan(run_dir, resume, config_dict, allow_config_change, rank, world)
     setup_logging(run_dir, rank)
     for note in plan.notes if rank == 0 else []:
@@ -200,6 +203,7 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
             state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)
             checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
     logger.close()
+    finish_distributed()  # the report below is rank 0's alone: the others need not wait for it
     log.info("done: %s", run_dir)
     heldout = HELDOUT_OF.get(config.data.source)
     if rank == 0 and config.train.report_windows and heldout is not None:

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from qstar_rl.config import Config, ConfigError, config_to_dict, deepspeed_batch_settings, load_config, validate
+from qstar_rl.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    deepspeed_batch_settings,
+    load_config,
+    load_config_and_problems,
+    local_data_files,
+    validate,
+)
 
 
 def test_defaults_are_valid_and_overrides_are_typed():
@@ -136,3 +145,95 @@ def test_shipped_configs_are_valid(name, world_size):
 
     path = Path(__file__).parents[1] / "qstar_rl" / "configs" / f"{name}.yaml"
     assert validate(load_config(path), world_size) == []
+
+
+def problems_of(path=None, overrides=(), world_size: int = 1) -> list[str]:
+    """Every problem `qstar-rl train` reports for a config file plus overrides (parse, types, semantics)."""
+    config, problems = load_config_and_problems(path, list(overrides))
+    return problems + validate(config, world_size)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  steps: [1, 2\n", "not valid YAML: "),
+        ("train:\n\tsteps: 3\n", "(YAML indents with spaces, not tabs)"),
+        ("- a list\n- not sections\n", "the top level must be a mapping of sections, got list"),
+    ],
+)
+def test_a_broken_yaml_file_is_one_clear_problem(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    problems = problems_of(path, ["train.steps=x"])
+    assert any(str(path) in p and expected in p for p in problems), problems
+    assert any(p.startswith("train.steps: expected int") for p in problems)  # the overrides still checked
+
+
+def test_a_yaml_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("wandb:\n  name: caf\xe9\n".encode("latin-1"))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}: not UTF-8 text") and "save the file as UTF-8" in problem
+
+
+def test_every_broken_override_is_listed_at_once():
+    problems = problems_of(None, ["train.steps", "optim.lr=[1,", "optim.lr.x=1", "=3", "thought.length=two"])
+    text = "\n".join(problems)
+    assert "override 'train.steps' is not of the form dotted.key=value" in text
+    assert "optim.lr: the value '[1,' is not valid YAML" in text
+    assert "override '=3' is not of the form" in text
+    assert "thought.length: expected int, got 'two'" in text
+    assert len(problems) == 5, problems  # optim.lr.x: lr is a value, not a section (after lr=[1, failed: its own)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf"])
+@pytest.mark.parametrize(
+    "key", ["optim.lr", "optim.grad_clip", "thought.sample_temperature", "loss.policy_weight", "train.step_timeout_s"]
+)
+def test_non_finite_numbers_are_config_errors(key, value):
+    assert f"{key}: must be a finite number, got" in "\n".join(problems_of(None, [f"{key}={value}"]))
+
+
+def test_names_and_paths_that_cannot_work_are_config_errors(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "data.bin").write_bytes(b"\0\1")
+    ds = tmp_path / "list.json"
+    ds.write_text("[1, 2]")
+    stage2 = tmp_path / "stage2.json"
+    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    text = "\n".join(problems_of(None, ["model.name=tiny-foo", f"train.run_dir={tmp_path / 'a_file'}"]))
+    assert "model.name: 'tiny-foo': tiny models exist for tiny-llama, tiny-mistral, tiny-qwen2, tiny-gpt2" in text
+    assert f"train.run_dir: {tmp_path / 'a_file'} is a file, not a folder" in text
+    text = "\n".join(problems_of(None, [f"model.name={tmp_path / 'missing'}", f"data.source={tmp_path / 'data.bin'}"]))
+    assert f"model.name: {tmp_path / 'missing'} is not a model folder (no config.json there)" in text
+    assert "unsupported suffix .bin (supported: .jsonl, .json, .txt, .parquet)" in text
+    text = "\n".join(problems_of(None, [f"deepspeed.config={ds}"]))
+    assert "must hold a JSON object at the top level, got list" in text
+    assert "asks for ZeRO stage 2; qstar-rl runs ZeRO stage 3" in "\n".join(
+        problems_of(None, [f"deepspeed.config={stage2}"])
+    )
+
+
+@pytest.mark.parametrize(
+    "override", ["thought.length=100000000", "thought.num_thoughts=100000000", "train.micro_batch_size=100000000"]
+)
+def test_absurd_sizes_are_config_errors_that_show_the_estimate(override):
+    problems = problems_of(None, [override, "train.global_batch_size=100000000"])
+    (size,) = [p for p in problems if "GiB of activations" in p]
+    assert size.startswith("train.micro_batch_size x data.seq_len x thought.num_thoughts")
+    assert "this machine has" in size
+
+
+def test_a_window_of_a_billion_tokens_is_a_config_error():
+    assert any("GiB of activations" in p for p in problems_of(None, ["data.seq_len=1000000000"]))
+    assert not any("GiB of activations" in p for p in problems_of(None, ["data.seq_len=4096"]))
+
+
+def test_absolute_and_relative_globs_both_name_files(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert local_data_files(str(tmp_path / "sub" / "*.jsonl")) == [tmp_path / "sub" / "a.jsonl"]
+    assert local_data_files("sub/*.jsonl") == [Path("sub/a.jsonl")]
+    assert local_data_files(str(tmp_path / "**" / "*.jsonl")) == [tmp_path / "sub" / "a.jsonl"]
+    assert not any(p.startswith("data.source") for p in problems_of(None, [f"data.source={tmp_path}/sub/*.jsonl"]))

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from qstar_rl.config import DataConfig
-from qstar_rl.data import DataPosition, DataStats, WindowStream, documents, shakespeare_documents
+from qstar_rl.data import (
+    DataError,
+    DataPosition,
+    DataStats,
+    WindowStream,
+    check_source,
+    documents,
+    shakespeare_documents,
+)
 from qstar_rl.model import SMOLLM2, load_tokenizer
 
 
@@ -106,3 +114,41 @@ def test_too_small_a_source_is_a_clear_error(tmp_path, tokenizer):
     stream = WindowStream(DataConfig(source=str(tmp_path / "d.jsonl"), seq_len=512), tokenizer, seed=0)
     with pytest.raises(ValueError, match="fewer than the 1 ranks"):
         take(stream, 1)
+
+
+def test_a_folder_with_a_bad_parquet_file_reads_the_good_ones_and_counts_the_bad(tmp_path, tokenizer, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("a", "c"):
+        pq.write_table(
+            pa.table({"text": [f"Document {name} says something long enough. " * 5]}), folder / f"{name}.parquet"
+        )
+    (folder / "b.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    stats = DataStats()
+    docs = list(documents(DataConfig(source=str(folder)), stats, seed=0))
+    assert sorted(d[:10] for d in docs) == ["Document a", "Document c"]
+    assert stats.skipped_bad_files == 1
+    assert "b.parquet, not a readable parquet file" in caplog.text
+
+
+def test_json_nested_too_deep_to_parse_is_a_skipped_record(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    good = json.dumps({"text": "fine " * 20})
+    path.write_text(good + "\n" + "[" * 100_000 + "]" * 100_000 + "\n" + good + "\n")
+    stats = DataStats()
+    assert len(list(documents(DataConfig(source=str(path)), stats, seed=0))) == 2
+    assert stats.skipped_undecodable == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage\n{broken\n", b'{"text": "Hi"}\n'])
+def test_a_source_without_a_single_window_is_a_data_error_naming_what_was_skipped(tmp_path, tokenizer, content):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        check_source(DataConfig(source=str(path), seq_len=24), tokenizer, seed=0, world_size=2)
+    message = str(err.value)
+    assert f"data.source {str(path)!r} yields 0 windows of 24 tokens per epoch, fewer than the 2 ranks" in message
+    assert "documents and files seen: " in message

@@ -1,6 +1,7 @@
 """Faults around a running job, through the real entry points: a second job on the same run directory, a rank
 that stops answering, a launcher that dies, a disk that fills up during a save."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from qstar_rl.engine import free_port
 
 pytestmark = pytest.mark.slow
 TWO_RANKS = ["train.micro_batch_size=1", "train.steps=200", "train.report_windows=0", "train.thought_table_every=0"]
+TWO_RANKS += ["wandb.mode=disabled"]
 
 
 def launch_two_ranks(run_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -52,11 +54,60 @@ def alive(pid: int) -> bool:
         return False
 
 
+def listening(pid: int) -> list[str]:
+    """Local addresses (hex ip:port as in /proc/net/tcp*) of the TCP sockets process `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
+                found.append(fields[1])
+    return found
+
+
+def is_loopback_hex(address: str) -> bool:
+    """127.x.x.x (/proc/net/tcp: little-endian hex), ::1, or ::ffff:127.x.x.x."""
+    ip = address.split(":")[0]
+    if len(ip) == 8:
+        return ip.endswith("7F")
+    mapped_v4 = ip[:16] == "0" * 16 and ip[16:24] == "FFFF0000" and ip.endswith("7F")
+    return ip == "00000000000000000000000001000000" or mapped_v4
+
+
+ONE_PROCESS = """
+import os, time
+from qstar_rl.engine import init_distributed
+init_distributed()
+print("pid", os.getpid(), flush=True)
+time.sleep(30)
+"""
+
+
+def test_local_runs_listen_on_loopback_only(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", ONE_PROCESS], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert any(line == f"pid {proc.pid}\n" for line in iter(proc.stdout.readline, ""))  # DeepSpeed prints first
+        addresses = listening(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert all(is_loopback_hex(a) for a in addresses), addresses  # torch's TCP store would listen on 0.0.0.0
+
+
 def test_a_running_job_locks_its_directory_and_a_rank_that_stops_answering_ends_it(tmp_path):
     run_dir = tmp_path / "run"
-    job = launch_two_ranks(run_dir, "train.step_timeout_s=10", "train.checkpoint_every=2")
+    job = launch_two_ranks(run_dir, "train.step_timeout_s=6", "train.checkpoint_every=2")
     try:
         rank0 = wait_for_step(run_dir, 0, 3, job)
+        for pid in (rank0["pid"], json.loads((run_dir / ".ranks" / "rank1.json").read_text())["pid"]):
+            addresses = listening(pid)
+            assert addresses and all(is_loopback_hex(a) for a in addresses), addresses
         second = train(run_dir, check=False)  # another job on the same directory
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert f"run directory {run_dir} is in use by PID {rank0['pid']} on {rank0['host']}" in second.stderr
@@ -70,9 +121,9 @@ def test_a_running_job_locks_its_directory_and_a_rank_that_stops_answering_ends_
         job.kill()
     log = (tmp_path / "job.log").read_text()
     assert job.returncode != 0
-    assert "a collective waited more than train.step_timeout_s (10 s): rank 1 (PID " in log, log[-4000:]
+    assert "a collective waited more than train.step_timeout_s (6 s): rank 1 (PID " in log, log[-4000:]
     assert f"(PID {rank1['pid']} on {rank1['host']}, killed)" in log
-    assert elapsed < 10 + 20, elapsed  # the timeout, then the launcher's shutdown: not torch's 30 minutes
+    assert elapsed < 6 + 20, elapsed  # the timeout, then the launcher's shutdown: not torch's 30 minutes
     assert not alive(rank1["pid"])
 
     # The lock died with the job; a restart that changes the method is refused, naming each change.
@@ -124,7 +175,7 @@ def test_a_full_disk_during_a_save_is_named_and_the_next_start_resumes(tmp_path)
     out.mkdir()
     script = DISK_FULL.format(size=70, mnt=mnt, out=out, log1=out / "first.log", log2=out / "second.log")
     cmd = [sys.executable, "-m", "qstar_rl.train", "--config", str(TINY), f"train.run_dir={mnt / 'run'}"]
-    cmd += ["train.report_windows=0", "train.thought_table_every=0"]
+    cmd += ["train.report_windows=0", "train.thought_table_every=0", "wandb.mode=disabled"]
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *cmd], cwd=ROOT, env=env(), timeout=600)
     assert proc.returncode == 0
     first = (out / "first.log").read_text()
@@ -138,3 +189,21 @@ def test_a_full_disk_during_a_save_is_named_and_the_next_start_resumes(tmp_path)
     assert (out / "rc2").read_text().strip() == "0", second[-4000:]
     assert "resumed from" in second and "(step 2)" in second
     assert [r["step"] for r in metrics(out / "run")] == [1, 2, 3, 4]
+
+
+def test_an_unreachable_wandb_falls_back_to_offline_and_says_how_to_sync(tmp_path, monkeypatch, caplog):
+    from qstar_rl.config import Config
+    from qstar_rl.metrics import MetricsLogger
+
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key: wandb.mode auto goes online
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    config = Config()
+    config.wandb.mode = "auto"
+    started = time.monotonic()
+    logger = MetricsLogger(config, tmp_path, rank=0)
+    logger.log_step(1, {"reward/mean": -1.0})
+    logger.close()
+    assert time.monotonic() - started < 60
+    assert "wandb is unreachable" in caplog.text and "logging offline into" in caplog.text
+    assert f"wandb sync {tmp_path / 'wandb' / 'offline-run-*'}" in caplog.text
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

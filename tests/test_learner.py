@@ -11,9 +11,9 @@ from conftest import padded_batch, randomise_thinking_parts
 from qstar_rl.config import Config, LossConfig, OptimConfig, ThoughtConfig, TrainConfig, WandbConfig
 from qstar_rl.core.losses import quiet_star_loss
 from qstar_rl.engine import PlainEngine
-from qstar_rl.learner import learn_step, train_step
+from qstar_rl.learner import learn_step, train_step, weights_finite
 from qstar_rl.metrics import MetricsLogger
-from qstar_rl.model import ScoreOutput, ThinkingLM, enable_activation_checkpointing, tiny_lm
+from qstar_rl.model import NonFiniteModel, ScoreOutput, ThinkingLM, enable_activation_checkpointing, tiny_lm
 from qstar_rl.rollout import ThoughtBatch, rollout
 
 NUM_THOUGHTS, LENGTH = 2, 3  # R, M
@@ -196,3 +196,22 @@ def test_the_nll_objective_samples_no_thought_and_steps_on_the_base_nll_alone():
     optimizer.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_model_that_is_no_longer_finite_stops_training_with_a_clear_error():
+    """An update that overflows (optim.lr=1e30): weights that are no longer finite stop the step that made them,
+    and a forward that overflows stops thought sampling, both with NonFiniteModel (the trainer's exit 1 and
+    message), instead of a traceback from torch.multinomial or a run that skips every later step."""
+    config = tiny_config()
+    model = tiny_model(config)
+    engine = PlainEngine(model, config)
+    thoughts = sample(model, seed=0, version=0)
+    with torch.no_grad():
+        model.mixing_head.net[0].bias.fill_(float("inf"))
+    assert not weights_finite(model)
+    with pytest.raises(NonFiniteModel, match=r"optimizer step 1 made the weights non-finite .*Lower optim\.lr"):
+        learn_step(engine, [thoughts], config, 0, identity, 1)
+    with torch.no_grad():
+        model.lm.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteModel, match="thought sampling met non-finite probabilities"):
+        sample(model, seed=1, version=1)

@@ -57,7 +57,9 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True, **extra_env: str):
-    args = ["--config", str(TINY), f"train.run_dir={run_dir}", *overrides]
+    """`qstar-rl train` of the tiny config on 1 rank or through the deepspeed launcher. wandb is off (its
+    service costs ~2.5 s a start) unless the overrides turn it on, as the tests of wandb's files do."""
+    args = ["--config", str(TINY), "wandb.mode=disabled", f"train.run_dir={run_dir}", *overrides]
     if ranks == 1:
         cmd = [sys.executable, "-m", "qstar_rl.train", *args]
     else:
@@ -86,7 +88,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     overrides = ["train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1"]
-    train(run_dir, *overrides, "model.gradient_checkpointing=true", *EVAL)  # the tiny config, checkpointing on
+    train(run_dir, *overrides, "model.gradient_checkpointing=true", "wandb.mode=offline", *EVAL)  # checkpointing on
     return run_dir
 
 
@@ -218,31 +220,42 @@ def flip_byte(path: Path, offset: int = 4096) -> None:
 
 
 def test_bad_config_lists_every_problem_and_exits_2(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n\tsteps: 3\n")  # a tab
+    overrides = ["thought.num_thoughts=1", "train.global_batch_size=3", "bogus.key=1", "optim.lr=fast"]
+    overrides += ["deepspeed.config=missing.json", "optim.grad_clip=.nan", "train.steps"]
+    command = [sys.executable, "-m", "qstar_rl.cli", "train", "--config", str(broken), f"train.run_dir={tmp_path}"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qstar_rl.cli",
-            "train",
-            "--config",
-            str(TINY),
-            f"train.run_dir={tmp_path}",
-            "thought.num_thoughts=1",
-            "train.global_batch_size=3",
-            "bogus.key=1",
-            "optim.lr=fast",
-            "deepspeed.config=missing.json",
-        ],
+        [*command, *overrides],
         cwd=ROOT,
         env=env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for key in ("thought.num_thoughts", "train.global_batch_size", "bogus", "optim.lr", "deepspeed.config"):
         assert key in proc.stderr, key
+    assert "(YAML indents with spaces, not tabs)" in proc.stderr
+    assert "optim.grad_clip: must be a finite number" in proc.stderr
+    assert "override 'train.steps' is not of the form dotted.key=value" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_source_without_windows_exits_2_before_the_model_loads(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    for source, expected, extra_env in (
+        (str(empty), "yields 0 windows of 24 tokens per epoch", {}),
+        ("someone/no-such-dataset", "could not read it from the hub", offline),
+    ):
+        run_dir = tmp_path / "run"
+        proc = train(run_dir, f"data.source={source}", check=False, **extra_env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert expected in proc.stderr
+        assert "ZeRO-3: rank 0 holds" not in proc.stderr, "stopped before the model was built"
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_a_corpus_with_bad_documents_trains_and_counts_them(tmp_path):
