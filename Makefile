@@ -5,9 +5,8 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(VENV)/.installed $(VENV)/.ops-built
 
@@ -34,6 +33,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The in-process tier for the edit-test loop: no subprocess trainers, no Ray, no real SmolLM2 weights.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -33,7 +33,8 @@ from common import RESULTS, print_table, reset_peak, rss_kib, run_point, write_r
 
 import qstar_rl.model as model_module
 from qstar_rl.config import ThoughtConfig
-from qstar_rl.model import ThinkingLM, tiny_lm
+from qstar_rl.loading import tiny_lm
+from qstar_rl.model import ThinkingLM
 
 AUTHORS = {"T": 1024, "fwd_bwd_s": 13.7, "peak_mib": 2642.0}
 """The issue's figure for the authors' Quiet-STaR code at T=1024, n_ahead 12."""

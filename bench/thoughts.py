@@ -21,7 +21,8 @@ import transformers
 from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
 
 from qstar_rl.config import ThoughtConfig
-from qstar_rl.model import SMOLLM2, ThinkingLM, load_lm, tiny_lm
+from qstar_rl.loading import SMOLLM2, load_lm, tiny_lm
+from qstar_rl.model import ThinkingLM
 
 
 def naive_sample(model: ThinkingLM, input_ids: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def naive_sample(model: ThinkingLM, input_ids: torch.Tensor) -> torch.Tensor:
             hidden = lm.base_model(
                 inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True
             ).last_hidden_state
-            token = model._logits(hidden[:, -1]).argmax(dim=-1)  # (R,)
+            token = model.logits(hidden[:, -1]).argmax(dim=-1)  # (R,)
             out[0, :, i, m] = token
             embeds = emb(token)[:, None]
             positions = positions[:, -1:] + 1

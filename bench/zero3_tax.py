@@ -38,7 +38,8 @@ from qstar_rl.config import Config, load_config
 from qstar_rl.data import WindowStream
 from qstar_rl.engine import PlainEngine, all_reduce_sum, build_thinking_engine, init_distributed, resolve_dtype
 from qstar_rl.learner import train_step
-from qstar_rl.model import ThinkingLM, enable_activation_checkpointing, load_lm
+from qstar_rl.loading import load_lm
+from qstar_rl.model import ThinkingLM, enable_activation_checkpointing
 
 ROOT = Path(__file__).parents[1]
 DEFAULT = ROOT / "qstar_rl" / "configs" / "default.yaml"

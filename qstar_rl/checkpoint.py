@@ -32,7 +32,7 @@ import torch.distributed as dist
 import yaml
 
 from qstar_rl.data import DataPosition, DataStats
-from qstar_rl.engine import PlainEngine, barrier
+from qstar_rl.engine import barrier
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -104,19 +104,7 @@ def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, k
         _make_room(root, keep)
     barrier()
     try:
-        if isinstance(engine, PlainEngine):
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {
-                    "model": engine.module.state_dict(),
-                    "optimizer": engine.optimizer.state_dict(),
-                    "scheduler": engine.lr_scheduler.state_dict(),
-                    "global_steps": engine.global_steps,
-                },
-                folder / "plain.pt",
-            )
-        else:
-            engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # DeepSpeed's, or PlainEngine's plain.pt
         fault(f"checkpoint_midway_{state.step}")
         torch.save(asdict_shallow(state), folder / f"run_state_rank{rank}.pt")
         if rank == 0:
@@ -327,7 +315,7 @@ def load(engine, folder: Path, rank: int, other_world_size: bool = False) -> Run
     checkpoint was written by another number of ranks; it is converted to DeepSpeed's universal format first
     (the engine must have been built with load_universal) and ranks it did not have take rank 0's run state
     (the data position is global; thought sampling is seeded per window, not by these RNG states)."""
-    if other_world_size and not isinstance(engine, PlainEngine):
+    if other_world_size:
         universal = _universal_copy(folder, rank)
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
         engine.load_checkpoint(str(universal.parent), tag=universal.name)
@@ -344,14 +332,7 @@ def load(engine, folder: Path, rank: int, other_world_size: bool = False) -> Run
             shutil.rmtree(universal, ignore_errors=True)
         own = folder / f"run_state_rank{rank}.pt"
         return load_run_state(folder, rank if own.is_file() else 0)
-    if isinstance(engine, PlainEngine):
-        blob = torch.load(folder / "plain.pt", weights_only=True)
-        engine.module.load_state_dict(blob["model"])
-        engine.optimizer.load_state_dict(blob["optimizer"])
-        engine.lr_scheduler.load_state_dict(blob["scheduler"])
-        engine.global_steps = blob["global_steps"]
-    else:
-        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    engine.load_checkpoint(str(folder.parent), tag=folder.name)
     return load_run_state(folder, rank)
 
 

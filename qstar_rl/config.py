@@ -1,7 +1,5 @@
 """Typed configuration. Each field carries a one-line docstring (the string right below it)."""
 
-import glob
-import json
 import math
 import os
 import typing
@@ -465,60 +463,6 @@ def _positive(problems: list[str], key: str, value: float, minimum: float = 1, s
         problems.append(f"{key}: must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
 
 
-LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
-"""Families of the random tiny test models, model.name "tiny-<family>"."""
-
-
-def looks_local(source: str) -> bool:
-    """A data source that names local files rather than a hub dataset or the embedded corpus."""
-    return (
-        source.endswith(LOCAL_DATA_SUFFIXES)
-        or source.startswith((".", "/", "~"))
-        or "*" in source
-        or Path(source).expanduser().exists()
-    )
-
-
-def local_data_files(source: str) -> list[Path]:
-    """The files a local data.source names: a file, a folder (its files with a supported suffix, recursively)
-    or a glob, relative or absolute (`**` crosses folders)."""
-    if "*" in source:
-        return sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True) if Path(m).is_file())
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return sorted(f for f in path.rglob("*") if f.suffix in LOCAL_DATA_SUFFIXES and f.is_file())
-    return [path] if path.is_file() else []
-
-
-def _data_source_problems(source: str) -> list[str]:
-    if not looks_local(source):
-        return []
-    files = local_data_files(source)
-    if not files:
-        return [f"data.source: no such file or folder {source}" + (" (no file matches)" if "*" in source else "")]
-    unknown = sorted({f.suffix or "(none)" for f in files if f.suffix not in LOCAL_DATA_SUFFIXES})
-    if unknown:
-        return [
-            f"data.source: {source} has files with unsupported suffix {', '.join(unknown)} "
-            f"(supported: {', '.join(LOCAL_DATA_SUFFIXES)})"
-        ]
-    return []
-
-
-def _model_name_problems(name: str) -> list[str]:
-    if name.startswith("tiny-"):
-        family = name.removeprefix("tiny-")
-        if family not in TINY_FAMILIES:
-            return [f"model.name: {name!r}: tiny models exist for {', '.join('tiny-' + f for f in TINY_FAMILIES)}"]
-        return []
-    path = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) or path.exists():
-        if not (path / "config.json").is_file():
-            return [f"model.name: {name} is not a model folder (no config.json there)"]
-    return []
-
-
 def machine_memory_bytes() -> int:
     """Physical memory of this machine (or of its largest GPU, if larger): what activations cannot exceed."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -556,19 +500,10 @@ def _size_problems(config: Config) -> list[str]:
     ]
 
 
-def deepspeed_batch_settings(config: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON keys that come from this config (the one place they are decided)."""
-    micro = config.train.micro_batch_size
-    return {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": config.train.global_batch_size // (micro * world_size),
-        "train_batch_size": config.train.global_batch_size,
-        "gradient_clipping": config.optim.grad_clip,
-    }
-
-
 def validate(config: Config, world_size: int = 1) -> list[str]:
-    """Every semantic problem of a config for a run on `world_size` data-parallel ranks (empty: fine)."""
+    """Every problem of a config's values for a run on `world_size` data-parallel ranks (empty: fine). What
+    other modules own (data sources, model names, the DeepSpeed JSON, evaluation tasks) they check themselves;
+    `qstar_rl.checks.run_problems` composes all of it."""
     p: list[str] = []
     t, d, o, tr = config.thought, config.data, config.optim, config.train
     _positive(p, "thought.num_thoughts", t.num_thoughts, 2)  # the mean baseline needs two thoughts
@@ -582,8 +517,6 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     if d.seq_len <= t.talk_length + 1:
         p.append(f"data.seq_len: must exceed thought.talk_length + 1 = {t.talk_length + 1}, got {d.seq_len}")
     _positive(p, "data.min_doc_tokens", d.min_doc_tokens)
-    p.extend(_data_source_problems(d.source))
-    p.extend(_model_name_problems(config.model.name))
     if Path(tr.run_dir).expanduser().exists() and not Path(tr.run_dir).expanduser().is_dir():
         p.append(f"train.run_dir: {tr.run_dir} is a file, not a folder")
     _choice(p, "model.dtype", config.model.dtype, MODEL_DTYPES)
@@ -617,15 +550,14 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
             f"({tr.micro_batch_size}) x world size ({world_size})"
         )
     _choice(p, "wandb.mode", config.wandb.mode, ("auto", "online", "offline", "disabled"))
-    p.extend(_eval_problems(config.eval))
-    p.extend(_deepspeed_json_problems(config, world_size, batch_ok))
+    p.extend(_eval_value_problems(config.eval))
     sizes = (t.num_thoughts, t.length, t.talk_length, d.seq_len, tr.micro_batch_size)
     if all(size >= 1 for size in sizes):  # else reported above
         p.extend(_size_problems(config))
     return p
 
 
-def _eval_problems(e: EvalConfig) -> list[str]:
+def _eval_value_problems(e: EvalConfig) -> list[str]:
     p: list[str] = []
     _positive(p, "eval.every_steps", e.every_steps, 0)
     _positive(p, "eval.limit", e.limit)
@@ -634,15 +566,8 @@ def _eval_problems(e: EvalConfig) -> list[str]:
     _choice(p, "eval.protocol", e.protocol, EVAL_PROTOCOLS)
     if e.every_steps and not e.tasks:
         p.append("eval.tasks: eval.every_steps is set but no task is named")
-    if e.tasks:
-        from qstar_rl.eval import known_tasks  # imports reasoning-gym: only when evaluation is asked for
-
-        known = known_tasks()
-        for task in e.tasks:
-            if task not in known:
-                p.append(f"eval.tasks: unknown task {task!r} (e.g. gsm8k, commonsenseqa, gsm_symbolic)")
     for entry in e.files:
-        task, sep, path = entry.partition("=")
+        _, sep, path = entry.partition("=")
         if not sep or not Path(path).expanduser().is_file():
             p.append(f"eval.files: {entry!r} is not task=path of an existing file")
     return p
@@ -664,39 +589,6 @@ def validate_cluster(config: Config) -> list[str]:
     if c.async_rollout and c.colocate:
         p.append("cluster.async_rollout: needs rollout actors; it cannot be combined with cluster.colocate")
     return p
-
-
-def _deepspeed_json_problems(config: Config, world_size: int, batch_ok: bool) -> list[str]:
-    path = Path(config.deepspeed.config)
-    if not path.is_file():
-        return [f"deepspeed.config: no such file {path}"]
-    try:
-        ds = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        return [f"deepspeed.config: {path} is not valid JSON ({type(err).__name__}: {err})"]
-    if not isinstance(ds, dict):
-        return [f"deepspeed.config: {path} must hold a JSON object at the top level, got {type(ds).__name__}"]
-    problems = []
-    zero = ds.get("zero_optimization")
-    if not isinstance(zero, dict):
-        problems.append(f"deepspeed.config: {path} has no zero_optimization section")
-    elif zero.get("stage", 0) != 3:
-        problems.append(
-            f"deepspeed.config: {path} asks for ZeRO stage {zero.get('stage', 0)!r}; qstar-rl runs ZeRO stage 3"
-        )
-    if batch_ok:  # the values below are only meaningful when the batch sizes divide
-        for key, want in deepspeed_batch_settings(config, world_size).items():
-            have = ds.get(key, "auto")
-            if have != "auto" and have != want:
-                problems.append(
-                    f"deepspeed.config: {path} sets {key}={have!r} but the config implies {want!r} "
-                    '(set it to "auto" or remove it: the config fills it)'
-                )
-    if "optimizer" in ds or "scheduler" in ds:
-        problems.append(
-            f"deepspeed.config: {path} defines optimizer/scheduler; they come from the optim section of the config"
-        )
-    return problems
 
 
 def validate_experiment(e: ExperimentConfig) -> list[str]:
@@ -724,4 +616,4 @@ def validate_experiment(e: ExperimentConfig) -> list[str]:
     except ConfigError as err:
         return [*p, *(f"overrides: {problem}" for problem in err.problems)]
     p.extend(f"overrides: {problem}" for problem in problems + validate(train))
-    return p
+    return p  # the training config's data, model, DeepSpeed and task checks: checks.experiment_problems

@@ -19,9 +19,11 @@ the state a checkpoint needs to resume exactly.
 """
 
 import copy
+import glob
 import importlib.util
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -31,10 +33,50 @@ from typing import Any
 
 import torch
 
-from qstar_rl.config import DataConfig, local_data_files, looks_local
+from qstar_rl.config import DataConfig
 from qstar_rl.corpus import corpus_documents
 
 log = logging.getLogger("qstar_rl")
+
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+def looks_local(source: str) -> bool:
+    """A data source that names local files rather than a hub dataset or the embedded corpus."""
+    return (
+        source.endswith(LOCAL_DATA_SUFFIXES)
+        or source.startswith((".", "/", "~"))
+        or "*" in source
+        or Path(source).expanduser().exists()
+    )
+
+
+def local_data_files(source: str) -> list[Path]:
+    """The files a local data.source names: a file, a folder (its files with a supported suffix, recursively)
+    or a glob, relative or absolute (`**` crosses folders)."""
+    if "*" in source:
+        return sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True) if Path(m).is_file())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*") if f.suffix in LOCAL_DATA_SUFFIXES and f.is_file())
+    return [path] if path.is_file() else []
+
+
+def source_problems(source: str) -> list[str]:
+    """What is wrong with a local data.source (missing, nothing matches, unsupported suffixes); [] otherwise."""
+    if not looks_local(source):
+        return []
+    files = local_data_files(source)
+    if not files:
+        return [f"data.source: no such file or folder {source}" + (" (no file matches)" if "*" in source else "")]
+    unknown = sorted({f.suffix or "(none)" for f in files if f.suffix not in LOCAL_DATA_SUFFIXES})
+    if unknown:
+        return [
+            f"data.source: {source} has files with unsupported suffix {', '.join(unknown)} "
+            f"(supported: {', '.join(LOCAL_DATA_SUFFIXES)})"
+        ]
+    return []
 
 
 @dataclass

@@ -20,11 +20,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qstar_rl.config import Config, deepspeed_batch_settings
-from qstar_rl.model import ThinkingLM, enable_activation_checkpointing, load_lm
+from qstar_rl.config import Config
+from qstar_rl.loading import build_thinking_lm
+from qstar_rl.model import ThinkingLM
 
-if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def choose_deepspeed_accelerator() -> None:
+    """DeepSpeed picks its accelerator when first imported: the CPU one here unless CUDA is present (else it
+    probes for hardware this machine lacks). Call before importing deepspeed."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+choose_deepspeed_accelerator()  # every DeepSpeed import in this project goes through this module's functions
 
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -268,6 +276,57 @@ def one_rank_zero3(zero: dict) -> dict:
     return {**zero, **settings}
 
 
+def deepspeed_batch_settings(config: Config, world_size: int) -> dict[str, int | float]:
+    """The DeepSpeed JSON keys that come from this config (the one place they are decided)."""
+    micro = config.train.micro_batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": config.train.global_batch_size // (micro * world_size),
+        "train_batch_size": config.train.global_batch_size,
+        "gradient_clipping": config.optim.grad_clip,
+    }
+
+
+def deepspeed_json_problems(config: Config, world_size: int) -> list[str]:
+    """What is wrong with the DeepSpeed JSON for this config (missing, not an object, not ZeRO-3, batch keys that
+    disagree with the config, its own optimizer); [] otherwise."""
+    t = config.train
+    batch_ok = (
+        min(t.micro_batch_size, t.global_batch_size, world_size) >= 1
+        and t.global_batch_size % (t.micro_batch_size * world_size) == 0
+    )
+    path = Path(config.deepspeed.config)
+    if not path.is_file():
+        return [f"deepspeed.config: no such file {path}"]
+    try:
+        ds = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        return [f"deepspeed.config: {path} is not valid JSON ({type(err).__name__}: {err})"]
+    if not isinstance(ds, dict):
+        return [f"deepspeed.config: {path} must hold a JSON object at the top level, got {type(ds).__name__}"]
+    problems = []
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        problems.append(f"deepspeed.config: {path} has no zero_optimization section")
+    elif zero.get("stage", 0) != 3:
+        problems.append(
+            f"deepspeed.config: {path} asks for ZeRO stage {zero.get('stage', 0)!r}; qstar-rl runs ZeRO stage 3"
+        )
+    if batch_ok:  # the values below are only meaningful when the batch sizes divide
+        for key, want in deepspeed_batch_settings(config, world_size).items():
+            have = ds.get(key, "auto")
+            if have != "auto" and have != want:
+                problems.append(
+                    f"deepspeed.config: {path} sets {key}={have!r} but the config implies {want!r} "
+                    '(set it to "auto" or remove it: the config fills it)'
+                )
+    if "optimizer" in ds or "scheduler" in ds:
+        problems.append(
+            f"deepspeed.config: {path} defines optimizer/scheduler; they come from the optim section of the config"
+        )
+    return problems
+
+
 def deepspeed_config(
     config: Config, world_size: int, ds_json: dict | None = None, load_universal: bool = False
 ) -> dict:
@@ -363,10 +422,9 @@ def drop_one_rank_zero3_overheads(engine) -> None:
 
 def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None, load_universal: bool = False):
     """(model, tokenizer, engine, full_weights): the configured LM wrapped in ThinkingLM under ZeRO-3."""
-    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
-    if config.model.gradient_checkpointing:
-        enable_activation_checkpointing(lm)
-    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
+    model, tokenizer = build_thinking_lm(
+        config.model.name, config.thought, config.train.seed, gradient_checkpointing=config.model.gradient_checkpointing
+    )
     engine, full_weights = make_deepspeed_engine(model, config, world_size, ds_json, load_universal)
     return model, tokenizer, engine, full_weights
 
@@ -413,6 +471,26 @@ class PlainEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+        """DeepSpeed's signature: <save_dir>/<tag>/plain.pt with weights, optimizer, schedule and step count."""
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "global_steps": self.global_steps,
+        }
+        torch.save(state, folder / "plain.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        """DeepSpeed's signature; loads with weights_only (a crafted pickle is refused, never run)."""
+        state = torch.load(Path(load_dir) / tag / "plain.pt", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        self.global_steps = state["global_steps"]
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

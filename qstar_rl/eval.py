@@ -104,6 +104,13 @@ def known_tasks() -> list[str]:
     return [*HUB_TASKS, *sorted(DATASETS)]
 
 
+def task_problems(tasks: list[str]) -> list[str]:
+    """eval.tasks that no loader knows."""
+    known = known_tasks() if tasks else []
+    example = "e.g. gsm8k, commonsenseqa, gsm_symbolic"
+    return [f"eval.tasks: unknown task {task!r} ({example})" for task in tasks if task not in known]
+
+
 def load_task(task: str, limit: int | None = None, seed: int = 0, data_file: str | None = None) -> list[EvalItem]:
     """The first `limit` items of a task: gsm8k / commonsenseqa (hub or a local file with their fields), or
     any reasoning-gym generator name (gsm_symbolic, basic_arithmetic, ...: generated offline, `limit` items,

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from qstar_rl.checks import experiment_problems
 from qstar_rl.config import (
     Config,
     ConfigError,
     ExperimentConfig,
     load_config,
     load_config_and_problems,
-    validate_experiment,
 )
 from qstar_rl.core.analysis import difficulty_deciles
 from qstar_rl.flops import PhaseFlops
@@ -72,16 +72,16 @@ def step_flops(train: Config, objective: str) -> int:
     from qstar_rl.data import WindowStream
     from qstar_rl.engine import PlainEngine
     from qstar_rl.learner import train_step
-    from qstar_rl.model import ThinkingLM, load_lm
+    from qstar_rl.loading import build_thinking_lm
 
     config = dataclasses.replace(
         train,
         loss=dataclasses.replace(train.loss, objective=objective),
         train=dataclasses.replace(train.train, global_batch_size=train.train.micro_batch_size),
     )
-    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
+    model, tokenizer = build_thinking_lm(config.model.name, config.thought, config.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer).to(device)
+    model = model.to(device)
     engine = PlainEngine(model, config)
     stream = WindowStream(config.data, tokenizer, seed=config.train.seed)
     batch = {k: v.to(device) for k, v in next(stream.batches(config.train.micro_batch_size)).items()}
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         e, problems = load_config_and_problems(args.config, args.overrides, schema=ExperimentConfig)
-        problems += validate_experiment(e)
+        problems += experiment_problems(e)
     except ConfigError as err:
         problems = err.problems
     if problems:

@@ -15,14 +15,16 @@ import torch
 
 from qstar_rl.checkpoint import latest_checkpoint
 from qstar_rl.config import load_config
-from qstar_rl.engine import PlainEngine  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from qstar_rl.model import ThinkingLM, load_lm
+from qstar_rl.engine import choose_deepspeed_accelerator
+from qstar_rl.loading import build_thinking_lm
+from qstar_rl.model import ThinkingLM
 
 
 def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of ThinkingLM from a checkpoint folder (DeepSpeed ZeRO or plain)."""
     if (folder / "plain.pt").is_file():
         return torch.load(folder / "plain.pt", weights_only=True)["model"]
+    choose_deepspeed_accelerator()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
@@ -36,8 +38,7 @@ def load_checkpoint(checkpoint: Path) -> tuple[ThinkingLM, object]:
     if folder is None:
         raise FileNotFoundError(f"{checkpoint}: neither a checkpoint folder nor a run directory with one")
     config = load_config(folder / "config.yaml")
-    lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
-    model = ThinkingLM(lm, config.thought, tokenizer=tokenizer)
+    model, tokenizer = build_thinking_lm(config.model.name, config.thought, config.train.seed)
     model.load_state_dict(checkpoint_state_dict(folder))
     return model, tokenizer
 

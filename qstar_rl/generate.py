@@ -82,7 +82,7 @@ class ThinkingDecoder:
         self.mask = attention_mask[:, :0]  # (B, cache length): 0 over the left padding
         self.lengths = attention_mask.sum(dim=1)  # (B,) real tokens so far = position of the next token
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P)
-        self.base_hidden = self._forward(model._embed(input_ids), positions, attention_mask)[:, -1]  # (B, D)
+        self.base_hidden = self._forward(model.embed(input_ids), positions, attention_mask)[:, -1]  # (B, D)
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None):
         """(B, S, D) at positions (B, S) -> final hidden states (B, S, D); extends the cache and its mask."""
@@ -111,32 +111,32 @@ class ThinkingDecoder:
         """Next-token logits at the end of the text. Thinking puts <sot> c_1..c_M <eot> at positions n..n+M+1
         (n = the next token's position: training's branch at i = n - 1), mixes, and then forgets the thought."""
         model, length = self.model, self.model.thought.length
-        base_logits = model._logits(self.base_hidden).float()  # (B, V)
+        base_logits = model.logits(self.base_hidden).float()  # (B, V)
         device = base_logits.device
         if not think:
             empty = torch.empty(self.batch, 0, dtype=torch.long, device=device)
             return Prediction(base_logits, base_logits, empty, torch.zeros(self.batch, device=device))
         kept = self.mask.shape[1]
         meta_shape = (self.batch, 1, self.base_hidden.shape[-1])
-        start = model._meta(model.start_embedding, self.base_hidden).expand(meta_shape)  # (B, 1, D)
-        end = model._meta(model.end_embedding, self.base_hidden).expand(meta_shape)
+        start = model.meta_embedding(model.start_embedding, self.base_hidden).expand(meta_shape)  # (B, 1, D)
+        end = model.meta_embedding(model.end_embedding, self.base_hidden).expand(meta_shape)
         thought = torch.empty(self.batch, length, dtype=torch.long, device=device)  # (B, M)
         hidden = self._forward(start, self._at(0))[:, -1]  # <sot> at n
         for m in range(length):
-            thought[:, m] = pick(model._logits(hidden).float(), greedy_thoughts, temperature, generator)
+            thought[:, m] = pick(model.logits(hidden).float(), greedy_thoughts, temperature, generator)
             if m + 1 < length:
-                hidden = self._forward(model._embed(thought[:, m : m + 1]), self._at(1 + m))[:, -1]
-        last = torch.cat([model._embed(thought[:, -1:]), end], dim=1)  # c_M at n+M, <eot> at n+M+1
+                hidden = self._forward(model.embed(thought[:, m : m + 1]), self._at(1 + m))[:, -1]
+        last = torch.cat([model.embed(thought[:, -1:]), end], dim=1)  # c_M at n+M, <eot> at n+M+1
         talk_hidden = self._forward(last, torch.cat([self._at(length), self._at(length + 1)], dim=1))[:, -1]
         weight = model.mixing_head(self.base_hidden, talk_hidden)  # (B,)
-        mixed = mix_logits(base_logits, model._logits(talk_hidden).float(), weight)  # (B, V)
+        mixed = mix_logits(base_logits, model.logits(talk_hidden).float(), weight)  # (B, V)
         self.cache.crop(kept - self.cache.get_seq_length())  # forget the M + 2 thought entries
         self.mask = self.mask[:, :kept]
         return Prediction(base_logits, mixed, thought, weight.float())
 
     def append(self, tokens: torch.Tensor) -> None:
         """Add one token (B,) per sequence at its next position."""
-        self.base_hidden = self._forward(self.model._embed(tokens[:, None]), self._at(0))[:, -1]
+        self.base_hidden = self._forward(self.model.embed(tokens[:, None]), self._at(0))[:, -1]
         self.lengths = self.lengths + 1
 
 
@@ -183,15 +183,15 @@ def load_for_generation(source: str, thought_length: int) -> tuple[ThinkingLM, o
     exactly like the base model, with M = thought_length)."""
     from qstar_rl.config import ThoughtConfig
     from qstar_rl.export import load_checkpoint
-    from qstar_rl.model import THINKING_CONFIG, load_lm, load_tokenizer
+    from qstar_rl.loading import build_thinking_lm, load_tokenizer
+    from qstar_rl.model import THINKING_CONFIG
 
     path = Path(source)
     if (path / THINKING_CONFIG).is_file():
         return ThinkingLM.from_pretrained(path), load_tokenizer(source)
     if path.is_dir():
         return load_checkpoint(path)
-    lm, tokenizer = load_lm(source)
-    return ThinkingLM(lm, ThoughtConfig(length=thought_length), tokenizer=tokenizer), tokenizer
+    return build_thinking_lm(source, ThoughtConfig(length=thought_length))
 
 
 def seconds_per_token(model: ThinkingLM, input_ids: torch.Tensor, tokens: int, think: bool) -> float:

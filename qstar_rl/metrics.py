@@ -19,9 +19,14 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qstar_rl.config import Config, config_to_dict
+
+if TYPE_CHECKING:
+    from qstar_rl.checkpoint import RunState
+    from qstar_rl.data import DataStats
+    from qstar_rl.learner import StepResult
 
 log = logging.getLogger("qstar_rl")
 THOUGHT_TABLE_COLUMNS = ["step", "position", "context", "thought", "next_tokens", "reward", "advantage"]
@@ -234,3 +239,54 @@ def _unreachable(url: str, timeout_s: float = 5.0) -> str | None:
     except OSError as err:
         return f"{url}: {type(err).__name__}: {err}"
     return None
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+
+
+def log_step(
+    logger: MetricsLogger,
+    config: Config,
+    tokenizer,
+    state: "RunState",
+    result: "StepResult",
+    data_stats: "DataStats",
+    extra: dict[str, float] | None = None,
+) -> None:
+    """Count a skipped step, log the step's metrics (plus `extra`) and, every N steps, the thought table."""
+    state.skipped_steps += result.skipped
+    if result.skipped:
+        log.warning("step %d: non-finite gradient, step skipped (weights untouched)", state.step)
+    metrics = {**result.metrics, "optim/skipped_steps": state.skipped_steps, **data_stats.as_metrics()}
+    logger.log_step(state.step, {**metrics, **(extra or {})})
+    every = config.train.thought_table_every
+    if every and state.step % every == 0:
+        logger.log_thoughts(state.step, thought_rows(result.samples, tokenizer))
+
+
+def thought_rows(samples: list[dict], tokenizer) -> list[dict]:
+    """Decoded rows (context, thought, next tokens, reward, advantage) for the sampled-thought table."""
+    rows = []
+    for sample in samples:
+        mean = sum(sample["rewards"]) / len(sample["rewards"])
+        for thought_ids, reward in zip(sample["thought_ids"], sample["rewards"], strict=True):
+            rows.append(
+                {
+                    "position": sample["position"],
+                    "context": tokenizer.decode(sample["context_ids"]),
+                    "thought": tokenizer.decode(thought_ids),
+                    "next_tokens": tokenizer.decode(sample["next_ids"]),
+                    "reward": reward,
+                    "advantage": reward - mean,
+                }
+            )
+    return rows

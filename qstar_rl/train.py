@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from qstar_rl import checkpoint, rundir
-from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems, validate
-from qstar_rl.data import HELDOUT_OF, DataError, DataStats, WindowStream, check_source
+from qstar_rl.checks import run_problems
+from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems
+from qstar_rl.data import HELDOUT_OF, DataError, WindowStream, check_source
 from qstar_rl.engine import (
     all_reduce_sum,
     broadcast_from_rank0,
@@ -34,9 +35,10 @@ from qstar_rl.engine import (
     with_resolved_dtype,
 )
 from qstar_rl.eval import eval_due, periodic_eval
-from qstar_rl.learner import StepResult, train_step
-from qstar_rl.metrics import MetricsLogger
-from qstar_rl.model import NonFiniteModel, load_tokenizer
+from qstar_rl.learner import train_step
+from qstar_rl.loading import load_tokenizer
+from qstar_rl.metrics import MetricsLogger, log_step, setup_logging
+from qstar_rl.model import NonFiniteModel
 from qstar_rl.report import end_of_run_report
 from qstar_rl.rundir import RunDirError
 
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_and_validate(config_path: str | None, overrides: list[str]) -> Config:
     """The config, or ConfigError listing every problem (before anything heavy happens)."""
     config, problems = load_config_and_problems(config_path, overrides)
-    problems += validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    problems += run_problems(config, int(os.environ.get("WORLD_SIZE", "1")))
     if problems:
         raise ConfigError(problems)
     return config
@@ -115,18 +117,6 @@ def start_plan(
     if isinstance(outcome, RunDirError):
         raise outcome
     return outcome, lock
-
-
-def setup_logging(run_dir: Path, rank: int) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if rank == 0:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        handlers=handlers,
-        force=True,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
 
 
 def train(config: Config, resume: bool = True, allow_config_change: bool = False) -> Path:
@@ -223,45 +213,6 @@ def raise_if_timeout(err: RuntimeError, heartbeats: rundir.Heartbeats, world: in
             f"a collective waited more than train.step_timeout_s ({timeout_s:g} s): {heartbeats.stop_laggard(world)}; "
             "stopping the job"
         ) from err
-
-
-def log_step(
-    logger: MetricsLogger,
-    config: Config,
-    tokenizer,
-    state: checkpoint.RunState,
-    result: StepResult,
-    data_stats: DataStats,
-    extra: dict[str, float] | None = None,
-) -> None:
-    """Count a skipped step, log the step's metrics (plus `extra`) and, every N steps, the thought table."""
-    state.skipped_steps += result.skipped
-    if result.skipped:
-        log.warning("step %d: non-finite gradient, step skipped (weights untouched)", state.step)
-    metrics = {**result.metrics, "optim/skipped_steps": state.skipped_steps, **data_stats.as_metrics()}
-    logger.log_step(state.step, {**metrics, **(extra or {})})
-    every = config.train.thought_table_every
-    if every and state.step % every == 0:
-        logger.log_thoughts(state.step, thought_rows(result.samples, tokenizer))
-
-
-def thought_rows(samples: list[dict], tokenizer) -> list[dict]:
-    """Decoded rows (context, thought, next tokens, reward, advantage) for the sampled-thought table."""
-    rows = []
-    for sample in samples:
-        mean = sum(sample["rewards"]) / len(sample["rewards"])
-        for thought_ids, reward in zip(sample["thought_ids"], sample["rewards"], strict=True):
-            rows.append(
-                {
-                    "position": sample["position"],
-                    "context": tokenizer.decode(sample["context_ids"]),
-                    "thought": tokenizer.decode(thought_ids),
-                    "next_tokens": tokenizer.decode(sample["next_ids"]),
-                    "reward": reward,
-                    "advantage": reward - mean,
-                }
-            )
-    return rows
 
 
 if __name__ == "__main__":

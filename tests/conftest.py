@@ -3,14 +3,14 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 # Read by Ray at import: keep in-process Ray clients on loopback, so `ray.init(address="127.0.0.1:port")` reaches
 # the tests' private cluster instead of being rewritten to the machine's outward address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from qstar_rl.config import ThoughtConfig
-from qstar_rl.model import ThinkingLM, tiny_lm
+from qstar_rl.loading import tiny_lm
+from qstar_rl.model import ThinkingLM
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 

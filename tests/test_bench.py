@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow
 
 
 def run_quick(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:

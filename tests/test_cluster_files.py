@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qstar_rl.config import load_config, validate, validate_cluster
+from qstar_rl.checks import run_problems
+from qstar_rl.config import load_config, validate_cluster
 from qstar_rl.ray_train import resource_problems, submitted_job_problems
 
 ROOT = Path(__file__).parents[1]
@@ -24,7 +25,7 @@ def job_problems(entrypoint: str, nodes: list[dict[str, float]], monkeypatch) ->
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # as under `ray job submit`
     config = load_config(argv[4], argv[5:])
     return (
-        validate(config, config.cluster.learners)
+        run_problems(config, config.cluster.learners)
         + validate_cluster(config)
         + submitted_job_problems(config)
         + resource_problems(config.cluster, nodes)

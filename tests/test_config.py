@@ -7,23 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from qstar_rl.checks import run_problems
 from qstar_rl.config import (
     Config,
     ConfigError,
     config_to_dict,
-    deepspeed_batch_settings,
     load_config,
     load_config_and_problems,
-    local_data_files,
-    validate,
 )
+from qstar_rl.data import local_data_files
+from qstar_rl.engine import deepspeed_batch_settings
 
 
 def test_defaults_are_valid_and_overrides_are_typed():
     config = load_config(None, ["thought.length=4", "optim.lr=1e-6", "train.steps=3", "wandb.name=null"])
     assert (config.thought.length, config.optim.lr, config.train.steps) == (4, 1e-6, 3)
     assert isinstance(config.optim.lr, float) and config.wandb.name is None
-    assert validate(config) == []
+    assert run_problems(config) == []
 
 
 def test_yaml_file_then_overrides_win(tmp_path):
@@ -58,7 +58,7 @@ def test_all_semantic_problems_at_once(tmp_path):
             "wandb.mode=loud",
         ],
     )
-    problems = validate(config, world_size=2)
+    problems = run_problems(config, world_size=2)
     text = "\n".join(problems)
     for key in [
         "thought.num_thoughts",
@@ -72,24 +72,24 @@ def test_all_semantic_problems_at_once(tmp_path):
         assert key in text, key
     assert len(problems) == 7, problems
     # with world size 1, 9 is a multiple of 3 and the DeepSpeed JSON's 4 now disagrees with B=3
-    problems = validate(config, world_size=1)
+    problems = run_problems(config, world_size=1)
     assert any("train_micro_batch_size_per_gpu=4" in p for p in problems)
 
 
 def test_model_dtype_is_auto_by_default_and_a_bad_one_is_a_listed_problem():
     assert load_config(None).model.dtype == "auto"
     for dtype in ("auto", "float32", "bfloat16"):
-        assert validate(load_config(None, [f"model.dtype={dtype}"])) == []
-    problems = validate(load_config(None, ["model.dtype=fp16", "train.steps=0"]))
+        assert run_problems(load_config(None, [f"model.dtype={dtype}"])) == []
+    problems = run_problems(load_config(None, ["model.dtype=fp16", "train.steps=0"]))
     assert "model.dtype: must be one of auto, float32, bfloat16, got 'fp16'" in problems
     assert any(p.startswith("train.steps") for p in problems)  # listed with the others, not alone
 
 
 def test_deepspeed_json_must_exist_and_leave_the_optimizer_to_us(tmp_path):
-    assert "no such file" in validate(load_config(None, ["deepspeed.config=/nope.json"]))[0]
+    assert "no such file" in run_problems(load_config(None, ["deepspeed.config=/nope.json"]))[0]
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}))
-    assert any("optimizer" in p for p in validate(load_config(None, [f"deepspeed.config={ds}"])))
+    assert any("optimizer" in p for p in run_problems(load_config(None, [f"deepspeed.config={ds}"])))
 
 
 def test_batch_settings_come_from_the_config():
@@ -144,13 +144,13 @@ def test_shipped_configs_are_valid(name, world_size):
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "qstar_rl" / "configs" / f"{name}.yaml"
-    assert validate(load_config(path), world_size) == []
+    assert run_problems(load_config(path), world_size) == []
 
 
 def problems_of(path=None, overrides=(), world_size: int = 1) -> list[str]:
     """Every problem `qstar-rl train` reports for a config file plus overrides (parse, types, semantics)."""
     config, problems = load_config_and_problems(path, list(overrides))
-    return problems + validate(config, world_size)
+    return problems + run_problems(config, world_size)
 
 
 @pytest.mark.parametrize(

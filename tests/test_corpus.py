@@ -6,7 +6,8 @@ import re
 import pytest
 
 from qstar_rl import corpus
-from qstar_rl.config import load_config, validate
+from qstar_rl.checks import run_problems
+from qstar_rl.config import load_config
 from qstar_rl.corpus import (
     HELDOUT_ITEMS_PER_TASK,
     MATH_TASKS,
@@ -20,7 +21,7 @@ from qstar_rl.corpus import (
     wiki_documents,
 )
 from qstar_rl.data import DataStats, WindowStream, documents
-from qstar_rl.model import SMOLLM2, load_tokenizer
+from qstar_rl.loading import SMOLLM2, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_missing_gensim_is_a_clear_error(monkeypatch):
 
 def test_math_source_feeds_the_window_stream():
     config = load_config(None, ["data.source=math", "data.seq_len=64"])
-    assert not [p for p in validate(config) if p.startswith("data.")]
+    assert not [p for p in run_problems(config) if p.startswith("data.")]
     stream = WindowStream(config.data, load_tokenizer(SMOLLM2), seed=0)
     windows = iter(stream)
     first = [next(windows) for _ in range(4)]
@@ -115,8 +116,8 @@ def test_math_source_feeds_the_window_stream():
 def test_other_source_names_keep_their_readers(monkeypatch):
     assert corpus_documents("maths") is None and corpus_documents("shakespeare") is None
     for source in ("math-heldout", "wiki-heldout"):
-        assert not [p for p in validate(load_config(None, [f"data.source={source}"])) if p.startswith("data.")]
-    problems = validate(load_config(None, ["data.source=math.jsonl"]))
+        assert not [p for p in run_problems(load_config(None, [f"data.source={source}"])) if p.startswith("data.")]
+    problems = run_problems(load_config(None, ["data.source=math.jsonl"]))
     assert "data.source: no such file or folder math.jsonl" in problems
 
     def offline_hub(config, stats, seed):

@@ -14,7 +14,7 @@ from qstar_rl.data import (
     documents,
     shakespeare_documents,
 )
-from qstar_rl.model import SMOLLM2, load_tokenizer
+from qstar_rl.loading import SMOLLM2, load_tokenizer
 
 
 @pytest.fixture(scope="module")

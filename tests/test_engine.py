@@ -139,7 +139,8 @@ from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
 from qstar_rl.engine import all_reduce_sum, build_thinking_engine, init_distributed
 from qstar_rl.learner import train_step
-from qstar_rl.model import ThinkingLM, load_lm
+from qstar_rl.loading import load_lm
+from qstar_rl.model import ThinkingLM
 
 def threads_named(name):
     return sum(open(f"/proc/self/task/{t}/comm").read().strip() == name for t in os.listdir("/proc/self/task"))

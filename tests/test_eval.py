@@ -29,7 +29,8 @@ from qstar_rl.eval import (
     split_joint,
 )
 from qstar_rl.generate import load_for_generation
-from qstar_rl.model import ThinkingLM, load_tokenizer, tiny_lm
+from qstar_rl.loading import load_tokenizer, tiny_lm
+from qstar_rl.model import ThinkingLM
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_teacher_forced_answer_logprobs_equal_the_slow_reference(family, think):
 
 
 def test_answer_vocabularies_and_answer_extraction():
-    from qstar_rl.model import load_tokenizer
+    from qstar_rl.loading import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     numeric = answer_vocabulary(tokenizer, [EvalItem("q", "288"), EvalItem("q", "-1,200")])

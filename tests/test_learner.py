@@ -12,8 +12,9 @@ from qstar_rl.config import Config, LossConfig, OptimConfig, ThoughtConfig, Trai
 from qstar_rl.core.losses import quiet_star_loss
 from qstar_rl.engine import PlainEngine
 from qstar_rl.learner import learn_step, train_step, weights_finite
+from qstar_rl.loading import tiny_lm
 from qstar_rl.metrics import MetricsLogger
-from qstar_rl.model import NonFiniteModel, ScoreOutput, ThinkingLM, enable_activation_checkpointing, tiny_lm
+from qstar_rl.model import NonFiniteModel, ScoreOutput, ThinkingLM, enable_activation_checkpointing
 from qstar_rl.rollout import ThoughtBatch, rollout
 
 NUM_THOUGHTS, LENGTH = 2, 3  # R, M

@@ -13,6 +13,7 @@ from reference import (
 
 import qstar_rl.model as model_module
 from qstar_rl.core.losses import quiet_star_loss
+from qstar_rl.loading import tiny_lm
 
 ATOL = 1e-4
 
@@ -237,7 +238,7 @@ def test_activation_checkpointing_gives_the_same_scores_and_gradients(family):
 
 
 def test_dropout_is_off_after_wrapping():
-    lm = model_module.tiny_lm("gpt2")
+    lm = tiny_lm("gpt2")
     for module in lm.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
@@ -254,7 +255,7 @@ def test_dropout_is_off_after_wrapping():
 
 
 def test_mixing_head_starts_like_the_authors():
-    lm = model_module.tiny_lm("llama")
+    lm = tiny_lm("llama")
     lm.config.initializer_range = 0.05
     head = model_module.ThinkingLM(lm, model_module.ThoughtConfig(2, 2, 2, init_token_id=5)).mixing_head
     first, second, last = head.net[0], head.net[2], head.net[4]
@@ -269,7 +270,7 @@ def test_bf16_rewards_follow_the_fp32_rewards_at_small_mixing_weight():
     """Mixing happens in fp32: with bf16 weights and w = 1e-3 (early training) the reward differences between
     two thoughts of a position must still be the thoughts' doing, not bf16 rounding (in bf16 ~40% of them
     came out exactly 0 and correlated ~0.6 with fp32 here)."""
-    lm = model_module.tiny_lm("llama", vocab_size=3001, hidden_size=72)
+    lm = tiny_lm("llama", vocab_size=3001, hidden_size=72)
     model = model_module.ThinkingLM(lm, model_module.ThoughtConfig(2, 3, 3, init_token_id=5))
     with torch.no_grad():
         model.mixing_head.net[4].bias.fill_(1e-3)  # w = 1e-3 everywhere

@@ -16,7 +16,7 @@ from test_train import EVAL, EVAL_KEYS, METRIC_KEYS, TINY, metrics, train
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.model import load_tokenizer
+from qstar_rl.loading import load_tokenizer
 from qstar_rl.ray_train import ActorGroup, main, wait_all
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,7 @@ def reference(tmp_path_factory) -> list[dict]:
 
 def ray_train(cluster: LocalRayCluster, run_dir: Path, *overrides: str, timeout: float = 600, **env: str):
     cmd = [sys.executable, "-m", "qstar_rl.ray_train", "--config", str(TINY), f"train.run_dir={run_dir}"]
+    cmd += ["wandb.mode=disabled"]  # the wandb service costs seconds a start; the job-submit test keeps it
     cmd += ["wandb.mode=disabled"]  # the wandb service costs seconds a start; the job-submit test keeps it
     return subprocess.run(
         [*cmd, *RAY_ARGS, *overrides],

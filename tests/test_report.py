@@ -10,7 +10,7 @@ from conftest import make_model
 from reference import reference_next_logits
 
 from qstar_rl.core.analysis import difficulty_deciles
-from qstar_rl.model import load_tokenizer
+from qstar_rl.loading import load_tokenizer
 from qstar_rl.report import TokenEffects, main, token_effects, write_report
 
 

@@ -18,8 +18,9 @@ from qstar_rl import checkpoint, rundir
 from qstar_rl.checkpoint import CheckpointReadError, RunState, find_resumable
 from qstar_rl.config import Config, ThoughtConfig, config_to_dict
 from qstar_rl.engine import PlainEngine
+from qstar_rl.loading import tiny_lm
 from qstar_rl.metrics import _drop_rows_after, valid_wandb_run_id
-from qstar_rl.model import ThinkingLM, tiny_lm
+from qstar_rl.model import ThinkingLM
 from qstar_rl.rundir import RunDirError
 
 
@@ -239,3 +240,32 @@ def test_a_crafted_run_state_is_refused_without_running_it(tmp_path, monkeypatch
     assert not marker.exists()
     torch.save(checkpoint.asdict_shallow(RunState(step=5)), folder / "run_state_rank0.pt")
     assert checkpoint.load_run_state(folder).step == 5  # a genuine one loads with weights_only
+
+
+def test_a_plain_engine_checkpoint_resumes_to_the_same_next_step(tmp_path):
+    """PlainEngine behind checkpoint.save / load (DeepSpeed's save_checkpoint / load_checkpoint signatures): the
+    restored weights, AdamW moments and schedule take exactly the step the original takes."""
+    from conftest import padded_batch
+
+    torch.manual_seed(0)
+    engine = plain_engine()
+    ids, mask = padded_batch(seq_len=12, lengths=(12, 9), seed=0)
+
+    def step(e: PlainEngine) -> None:
+        out = e(ids, None, mask)
+        loss = -out.base_logprobs[out.valid].mean()
+        e.backward(loss)
+        e.step()
+
+    step(engine)
+    run_dir = tmp_path / "run"
+    config = config_to_dict(Config())
+    checkpoint.save(engine, run_dir, RunState(step=1), config, rank=0, keep=1)
+    torch.manual_seed(1)
+    resumed = plain_engine()  # other initial weights: everything must come from the checkpoint
+    state = checkpoint.load(resumed, find_resumable(run_dir).folder, rank=0)
+    assert state.step == 1 and resumed.global_steps == engine.global_steps == 1
+    step(engine)
+    step(resumed)
+    for (name, a), b in zip(engine.module.state_dict().items(), resumed.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -6,7 +6,8 @@ from conftest import randomise_thinking_parts
 from reference import reference_branch
 
 from qstar_rl.config import ThoughtConfig
-from qstar_rl.model import SMOLLM2, ThinkingLM, load_lm
+from qstar_rl.loading import SMOLLM2, load_lm
+from qstar_rl.model import ThinkingLM
 
 pytestmark = pytest.mark.slow
 

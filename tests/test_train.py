@@ -18,7 +18,8 @@ from wandb_file import history
 from qstar_rl.config import ThoughtConfig
 from qstar_rl.engine import free_port
 from qstar_rl.export import checkpoint_state_dict
-from qstar_rl.model import ThinkingLM, load_lm
+from qstar_rl.loading import load_lm
+from qstar_rl.model import ThinkingLM
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
