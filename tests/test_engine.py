@@ -120,7 +120,13 @@ def test_a_run_records_the_dtype_auto_resolved_to(tmp_path):
         expected = "bfloat16" if cpuinfo_has_bf16() else "float32"
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "qstar_rl.train", "--config", str(ROOT / "qstar_rl/configs/tiny.yaml")]
-    cmd += ["model.dtype=auto", "train.steps=1", f"train.run_dir={run_dir}"]
+    cmd += [
+        "model.dtype=auto",
+        "train.steps=1",
+        f"train.run_dir={run_dir}",
+        "train.report_windows=0",
+        "wandb.mode=disabled",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -52,7 +52,6 @@ def reference(tmp_path_factory) -> list[dict]:
 def ray_train(cluster: LocalRayCluster, run_dir: Path, *overrides: str, timeout: float = 600, **env: str):
     cmd = [sys.executable, "-m", "qstar_rl.ray_train", "--config", str(TINY), f"train.run_dir={run_dir}"]
     cmd += ["wandb.mode=disabled"]  # the wandb service costs seconds a start; the job-submit test keeps it
-    cmd += ["wandb.mode=disabled"]  # the wandb service costs seconds a start; the job-submit test keeps it
     return subprocess.run(
         [*cmd, *RAY_ARGS, *overrides],
         cwd=ROOT,

@@ -58,9 +58,11 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True, **extra_env: str):
-    """`qstar-rl train` of the tiny config on 1 rank or through the deepspeed launcher. wandb is off (its
-    service costs ~2.5 s a start) unless the overrides turn it on, as the tests of wandb's files do."""
-    args = ["--config", str(TINY), "wandb.mode=disabled", f"train.run_dir={run_dir}", *overrides]
+    """`qstar-rl train` of the tiny config on 1 rank or through the deepspeed launcher. wandb (its service costs
+    ~2.5 s a start) and the end-of-run report (~15 s: it reloads the checkpoint and scores held-out text) are
+    off unless the overrides turn them on, as the tests of those do."""
+    args = ["--config", str(TINY), "wandb.mode=disabled", "train.report_windows=0", f"train.run_dir={run_dir}"]
+    args += overrides
     if ranks == 1:
         cmd = [sys.executable, "-m", "qstar_rl.train", *args]
     else:
@@ -89,7 +91,9 @@ def metrics(run_dir: Path) -> list[dict]:
 def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     overrides = ["train.steps=3", "train.checkpoint_every=3", "train.thought_table_every=1"]
-    train(run_dir, *overrides, "model.gradient_checkpointing=true", "wandb.mode=offline", *EVAL)  # checkpointing on
+    train(
+        run_dir, *overrides, "model.gradient_checkpointing=true", "wandb.mode=offline", "train.report_windows=2", *EVAL
+    )
     return run_dir
 
 
@@ -329,6 +333,7 @@ def test_the_paper_config_shrunk_to_a_tiny_model_trains_in_bf16_with_checkpointi
     overrides = ["model.name=tiny-mistral", f"data.source={corpus}", "data.seq_len=24", "train.steps=2"]
     overrides += ["train.global_batch_size=2", "wandb.mode=offline", f"train.run_dir={run_dir}"]
     overrides += ["eval.tasks=", "eval.every_steps=0"]  # GSM8K / CommonsenseQA come from the hub
+    overrides += ["train.report_windows=0"]
     cmd = [sys.executable, "-m", "qstar_rl.train", "--config", str(paper), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
