@@ -32,7 +32,7 @@ import torch.distributed as dist
 import yaml
 
 from qstar_rl.data import DataPosition, DataStats
-from qstar_rl.engine import barrier
+from qstar_rl.engine import barrier, is_collective_timeout
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -114,6 +114,8 @@ def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, k
         if rank == 0:
             _write_atomically(root / LATEST, tag)
     except (OSError, RuntimeError) as err:
+        if is_collective_timeout(err):  # another rank stopped answering: not a write failure
+            raise
         raise CheckpointWriteError(_write_failure(folder, err, rank)) from err
     if rank == 0:
         _prune(root, keep, state.step)

@@ -188,6 +188,12 @@ def broadcast_from_rank0(obj: object) -> object:
     return box[0]
 
 
+def is_collective_timeout(err: BaseException) -> bool:
+    """Whether `err` is a collective giving up on another rank (gloo / NCCL timeouts, a peer gone)."""
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text or "connection closed" in text
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -31,6 +31,7 @@ from qstar_rl.engine import (
     build_thinking_engine,
     finish_distributed,
     init_distributed,
+    is_collective_timeout,
     partition_report,
     with_resolved_dtype,
 )
@@ -175,23 +176,28 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
     )
 
     while state.step < config.train.steps:
-        heartbeats.beat(state.step + 1, "starting")
-        micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accumulation)]
-        try:
+        try:  # every collective of the step, its evaluation and its checkpoint waits at most train.step_timeout_s
+            heartbeats.beat(state.step + 1, "starting")
+            micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accumulation)]
             result = train_step(engine, model, micro_batches, config, state.step, all_reduce_sum, world, full_weights)
+            state.step += 1
+            extra = {}
+            if eval_due(config.eval, state.step, config.train.steps):
+                extra = periodic_eval(model, tokenizer, config.eval, full_weights)
+            log_step(logger, config, tokenizer, state, result, stream.stats, extra)
+            if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
+                heartbeats.beat(state.step, "checkpointing after")
+                checkpoint.capture_rngs(state)
+                state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)
+                checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
         except RuntimeError as err:
-            raise_if_timeout(err, heartbeats, world, config.train.step_timeout_s)
+            if world > 1 and is_collective_timeout(err):
+                laggard = heartbeats.stop_laggard(world)
+                raise RankTimeout(
+                    f"a collective waited more than train.step_timeout_s ({config.train.step_timeout_s:g} s): "
+                    f"{laggard}; stopping the job"
+                ) from err
             raise
-        state.step += 1
-        extra = {}
-        if eval_due(config.eval, state.step, config.train.steps):
-            extra = periodic_eval(model, tokenizer, config.eval, full_weights)
-        log_step(logger, config, tokenizer, state, result, stream.stats, extra)
-        if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
-            heartbeats.beat(state.step, "checkpointing after")
-            checkpoint.capture_rngs(state)
-            state.data, state.data_stats = copy.copy(stream.position), copy.copy(stream.stats)
-            checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
     logger.close()
     finish_distributed()  # the report below is rank 0's alone: the others need not wait for it
     log.info("done: %s", run_dir)
@@ -203,16 +209,6 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
     if lock is not None:
         os.close(lock)
     return run_dir
-
-
-def raise_if_timeout(err: RuntimeError, heartbeats: rundir.Heartbeats, world: int, timeout_s: float) -> None:
-    """Turn a collective's timeout into a RankTimeout naming the rank that stopped answering."""
-    text = str(err).lower()
-    if world > 1 and ("timed out" in text or "timeout" in text or "connection closed" in text):
-        raise RankTimeout(
-            f"a collective waited more than train.step_timeout_s ({timeout_s:g} s): {heartbeats.stop_laggard(world)}; "
-            "stopping the job"
-        ) from err
 
 
 if __name__ == "__main__":
