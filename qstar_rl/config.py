@@ -104,9 +104,9 @@ class OptimConfig:
     """AdamW and its schedule."""
 
     lr: float = 1e-5
-    """Peak learning rate of the LM weights and the mixing head."""
+    """Peak learning rate of the LM weights and the mixing head, in (0, 1]."""
     weight_decay: float = 0.001
-    """AdamW weight decay."""
+    """AdamW weight decay, in [0, 1]."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.999
@@ -526,8 +526,12 @@ def validate(config: Config, world_size: int = 1) -> list[str]:
     if not 0 < config.loss.is_cap < float("inf"):  # also refuses NaN
         p.append(f"loss.is_cap: must be > 0 and finite, got {config.loss.is_cap}")
     _choice(p, "loss.objective", config.loss.objective, LOSS_OBJECTIVES)
-    _positive(p, "optim.lr", o.lr, 0, strict=True)
-    _positive(p, "optim.weight_decay", o.weight_decay, 0)
+    # An AdamW step moves each weight by at most ~lr * (weight_decay * |w| + 1): with both <= 1 a finite
+    # gradient cannot overflow finite weights, so the learner's skip of non-finite gradients is the whole guard.
+    if not 0 < o.lr <= 1:
+        p.append(f"optim.lr: must lie in (0, 1] (AdamW moves every weight by ~lr a step), got {o.lr!r}")
+    if not 0 <= o.weight_decay <= 1:
+        p.append(f"optim.weight_decay: must lie in [0, 1], got {o.weight_decay!r}")
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         if not 0 <= beta < 1:
             p.append(f"{key}: must lie in [0, 1), got {beta}")

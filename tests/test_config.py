@@ -194,6 +194,15 @@ def test_non_finite_numbers_are_config_errors(key, value):
     assert f"{key}: must be a finite number, got" in "\n".join(problems_of(None, [f"{key}={value}"]))
 
 
+def test_learning_rates_and_decays_that_would_overflow_the_weights_are_config_errors():
+    """Above 1 an AdamW step can overflow finite weights (the learner then relies on skipping non-finite
+    gradients alone): optim.lr=1e30 and weight_decay=1e30 are refused, both named at once."""
+    text = "\n".join(problems_of(None, ["optim.lr=1e30", "optim.weight_decay=1e30"]))
+    assert "optim.lr: must lie in (0, 1] (AdamW moves every weight by ~lr a step), got 1e+30" in text
+    assert "optim.weight_decay: must lie in [0, 1], got 1e+30" in text
+    assert problems_of(None, ["optim.lr=1", "optim.weight_decay=1"]) == []
+
+
 def test_names_and_paths_that_cannot_work_are_config_errors(tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "data.bin").write_bytes(b"\0\1")

@@ -139,6 +139,7 @@ def test_a_run_records_the_dtype_auto_resolved_to(tmp_path):
 ONE_RANK_PROBE = """
 import json, os, sys
 from pathlib import Path
+import deepspeed
 import torch
 from qstar_rl.checkpoint import RunState, load, save
 from qstar_rl.config import load_config
@@ -172,7 +173,17 @@ losses = [step(0)]
 folder = save(engine, Path(run_dir), RunState(step=1), {}, 0, keep=1)
 load(engine, folder, 0)  # DeepSpeed releases every parameter here: the next step must find them again
 losses.append(step(1))
+# a non-finite gradient: DeepSpeed must skip the update (weights and optimizer state untouched)
+weight = model.mixing_head.net[0].weight
+before = [p.detach().clone() for p in model.parameters()]
+hook = weight.register_hook(lambda grad: grad * float("inf"))
+skipped = train_step(engine, model, [next(batches)], config, 2, all_reduce_sum, world, full_weights).skipped
+hook.remove()
+with deepspeed.zero.GatheredParameters(list(model.parameters())):  # the skip path releases them
+    untouched = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 print(json.dumps({
+    "skipped": skipped,
+    "untouched": untouched,
     # each gloo process group runs one TCP loop and 2 worker threads; an OpenMP team that a worker starts adds
     # threads that inherit its name
     "gloo_groups": threads_named("gloo_tcp_loop"),
@@ -186,11 +197,12 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_one_rank_zero3_has_no_module_hooks_no_master_copy_and_no_second_openmp_team(tmp_path):
+def test_one_rank_zero3_has_no_module_hooks_no_master_copy_no_second_openmp_team_and_skips_inf_gradients(tmp_path):
     """At world size 1 (fp32, tiny model): DeepSpeed's per-module hooks are gone (one pre-hook on the LM keeps the
     parameters resident instead, also after a checkpoint load released them), the fp32 master partitions are the
     weights' own storage, and DeepSpeed's setup started no OpenMP team besides the main thread's (a second one
-    makes libgomp stop spin-waiting: see engine.comm_threads_single_threaded)."""
+    makes libgomp stop spin-waiting: see engine.comm_threads_single_threaded). A step with a non-finite gradient
+    leaves the weights exactly as they were."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run(
         [sys.executable, "-c", ONE_RANK_PROBE, str(tmp_path / "run")],
@@ -207,3 +219,4 @@ def test_one_rank_zero3_has_no_module_hooks_no_master_copy_and_no_second_openmp_
     assert probe["master_shares_weights"] and all(probe["master_shares_weights"])
     assert probe["gloo_worker_threads"] == 2 * probe["gloo_groups"] > 0
     assert all(math.isfinite(loss) for loss in probe["losses"])
+    assert probe["skipped"] and probe["untouched"]  # a non-finite gradient: DeepSpeed skipped the update

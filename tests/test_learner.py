@@ -2,18 +2,21 @@
 thoughts against a hand computation from the model's own score outputs, on-policy steps untouched; and the
 progress line a person reads from the step's metrics."""
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import padded_batch, randomise_thinking_parts
 
+from qstar_rl.checkpoint import RunState
 from qstar_rl.config import Config, LossConfig, OptimConfig, ThoughtConfig, TrainConfig, WandbConfig
 from qstar_rl.core.losses import quiet_star_loss
+from qstar_rl.data import DataStats
 from qstar_rl.engine import PlainEngine
-from qstar_rl.learner import learn_step, train_step, weights_finite
+from qstar_rl.learner import learn_step, train_step
 from qstar_rl.loading import tiny_lm
-from qstar_rl.metrics import MetricsLogger
+from qstar_rl.metrics import MetricsLogger, log_step
 from qstar_rl.model import NonFiniteModel, ScoreOutput, ThinkingLM, enable_activation_checkpointing
 from qstar_rl.rollout import ThoughtBatch, rollout
 
@@ -199,19 +202,36 @@ def test_the_nll_objective_samples_no_thought_and_steps_on_the_base_nll_alone():
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
 
 
-def test_a_model_that_is_no_longer_finite_stops_training_with_a_clear_error():
-    """An update that overflows (optim.lr=1e30): weights that are no longer finite stop the step that made them,
-    and a forward that overflows stops thought sampling, both with NonFiniteModel (the trainer's exit 1 and
-    message), instead of a traceback from torch.multinomial or a run that skips every later step."""
+def test_a_non_finite_gradient_skips_the_update_and_is_counted(tmp_path):
+    """A gradient with an infinity in it (as an overflowing step would give): the weights and the optimizer state
+    stay exactly as they were, StepResult.skipped is set and the logged optim/skipped_steps counts it; the next
+    finite step updates again."""
     config = tiny_config()
     model = tiny_model(config)
     engine = PlainEngine(model, config)
-    thoughts = sample(model, seed=0, version=0)
-    with torch.no_grad():
-        model.mixing_head.net[0].bias.fill_(float("inf"))
-    assert not weights_finite(model)
-    with pytest.raises(NonFiniteModel, match=r"optimizer step 1 made the weights non-finite .*Lower optim\.lr"):
-        learn_step(engine, [thoughts], config, 0, identity, 1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    weight = model.mixing_head.net[0].weight
+    hook = weight.register_hook(lambda grad: grad * float("inf"))
+    result = learn_step(engine, [sample(model, seed=0, version=0)], config, 0, identity, 1)
+    hook.remove()
+    assert result.skipped and not math.isfinite(result.metrics["optim/grad_norm"])
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert engine.optimizer.state == {}  # AdamW never ran: no moments to carry the infinity forward
+    config.wandb = WandbConfig(mode="disabled")
+    state = RunState(step=1)
+    logger = MetricsLogger(config, tmp_path, rank=0)
+    log_step(logger, config, None, state, result, DataStats())
+    logger.close()
+    assert state.skipped_steps == 1
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["optim/skipped_steps"] == 1
+    result = learn_step(engine, [sample(model, seed=1, version=0)], config, 0, identity, 1)
+    assert not result.skipped and not torch.equal(weight, before["mixing_head.net.0.weight"])
+
+
+def test_a_model_that_is_no_longer_finite_stops_thought_sampling_with_a_clear_error():
+    """Weights that are not finite (loaded so, or overflowed in the forward) stop thought sampling with
+    NonFiniteModel (the trainer's exit 1 and message) instead of a traceback from torch.multinomial."""
+    model = tiny_model(tiny_config())
     with torch.no_grad():
         model.lm.get_input_embeddings().weight.fill_(float("nan"))
     with pytest.raises(NonFiniteModel, match="thought sampling met non-finite probabilities"):
