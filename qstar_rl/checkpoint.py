@@ -23,7 +23,6 @@ import pickle
 import random
 import re
 import shutil
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import yaml
 
 from qstar_rl.data import DataPosition, DataStats
 from qstar_rl.engine import barrier, is_collective_timeout
+from qstar_rl.faults import kill_at
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -74,20 +74,6 @@ def restore_rngs(state: RunState) -> None:
     random.setstate(state.python_rng)
 
 
-def fault(point: str, once_marker: Path | None = None) -> None:
-    """Fault injection for tests: QSTAR_RL_KILL_AT=<point> makes this process kill itself (SIGKILL) there.
-    Points: checkpoint_midway_<step> (engine state written, run state and marker not), saved_<step>,
-    rollout_<step> (a Ray rollout actor about to sample that step). With `once_marker`, only the first
-    process to get there dies (the marker file remembers), so that a restarted run can go on."""
-    if os.environ.get("QSTAR_RL_KILL_AT") != point:
-        return
-    if once_marker is not None:
-        if once_marker.exists():
-            return
-        once_marker.touch()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class CheckpointWriteError(Exception):
     """A checkpoint could not be written (disk full, ...); the previous complete one is untouched."""
 
@@ -105,7 +91,7 @@ def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, k
     barrier()
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # DeepSpeed's, or PlainEngine's plain.pt
-        fault(f"checkpoint_midway_{state.step}")
+        kill_at(f"checkpoint_midway_{state.step}")
         torch.save(asdict_shallow(state), folder / f"run_state_rank{rank}.pt")
         if rank == 0:
             (folder / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
@@ -120,7 +106,7 @@ def save(engine, run_dir: Path, state: RunState, config_dict: dict, rank: int, k
     if rank == 0:
         _prune(root, keep, state.step)
     barrier()
-    fault(f"saved_{state.step}")
+    kill_at(f"saved_{state.step}")
     return folder
 
 

@@ -23,11 +23,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 import yaml
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -42,9 +43,9 @@ from qstar_rl.config import (
     load_config_and_problems,
     validate_cluster,
 )
-from qstar_rl.data import DataError, WindowStream, check_source
+from qstar_rl.data import DataError, DataPosition, DataStats, WindowStream, check_source
 from qstar_rl.eval import eval_due
-from qstar_rl.learner import step_timings, throughput
+from qstar_rl.learner import StepResult, step_timings, throughput
 from qstar_rl.loading import load_tokenizer
 from qstar_rl.metrics import MetricsLogger, log_step, setup_logging
 from qstar_rl.ray_workers import LearnerWorker, RolloutWorker
@@ -303,7 +304,7 @@ class ActorGroup:
         chunks = self.publish_weights()
         return [Named(f"rollout-{i}", a.load_weights.remote(chunks, version)) for i, a in enumerate(self.rollouts)]
 
-    def sample(self, per_rank: list[list[dict]], step: int) -> list[list[Named]]:
+    def sample(self, per_rank: list[list[dict[str, torch.Tensor]]]) -> list[list[Named]]:
         """Hand each micro-batch ([rank][micro]) to a rollout actor, round robin; returns the pending
         ThoughtBatch refs in the same layout."""
         flat_index = 0
@@ -312,10 +313,15 @@ class ActorGroup:
             row = []
             for batch in micro_batches:
                 i = flat_index % len(self.rollouts)
-                row.append(Named(f"rollout-{i}", self.rollouts[i].sample.remote(batch, step)))
+                row.append(Named(f"rollout-{i}", self.rollouts[i].sample.remote(batch)))
                 flat_index += 1
             out.append(row)
         return out
+
+    def learn(self, step: int, thoughts: list[list[Named]]) -> StepResult:
+        """Every learner rank steps on its own micro-batches' thoughts (refs, fetched by the learner);
+        returns rank 0's result."""
+        return self.on_learners("learn", step, per_rank=[[t.ref for t in row] for row in thoughts])[0]
 
     def shutdown(self) -> None:
         for actor in self.learners + self.rollouts:
@@ -323,21 +329,83 @@ class ActorGroup:
         remove_placement_group(self.placement)
 
 
-# ---- the loop ---------------------------------------------------------------------------------------
+# ---- the step loops: one per placement --------------------------------------------------------------
 
 
 @dataclass
 class DrawnStep:
     """One optimizer step's data, drawn by the driver, with the stream's position right after it."""
 
-    per_rank: list[list[dict]]
-    position: object
-    stats: object
+    per_rank: list[list[dict[str, torch.Tensor]]]
+    """[rank][micro-batch] -> input_ids, attention_mask, window_ids."""
+    position: DataPosition
+    """Where the data stream stands once this step's windows are consumed (saved with a checkpoint)."""
+    stats: DataStats
+    """The stream's skip counters at that point."""
 
 
-def draw(stream: WindowStream, batches: Iterator[list[list[dict]]]) -> DrawnStep:
-    per_rank = next(batches)
-    return DrawnStep(per_rank, copy.copy(stream.position), copy.copy(stream.stats))
+# Each loop runs optimizer steps first_step .. train.steps - 1 and yields every step's data and rank 0's result
+# (with its time/* and perf/* metrics) as soon as the learners have stepped; the caller logs, evaluates and
+# checkpoints between steps.
+StepLoop = Iterator[tuple[DrawnStep, StepResult]]
+
+
+def colocated_steps(group: ActorGroup, config: Config, draw: Callable[[], DrawnStep], first_step: int) -> StepLoop:
+    """cluster.colocate: every learner rank samples its own thoughts with gathered weights, then learns."""
+    for step in range(first_step, config.train.steps):
+        drawn = draw()
+        yield drawn, group.on_learners("sample_and_learn", step, per_rank=drawn.per_rank)[0]
+
+
+def synchronous_steps(group: ActorGroup, config: Config, draw: Callable[[], DrawnStep], first_step: int) -> StepLoop:
+    """Rollout actors sample with the weights of this step (on-policy); the learners step; the new weights
+    reach every rollout actor before the next step samples."""
+    timeout = config.train.step_timeout_s
+    for step in range(first_step, config.train.steps):
+        start = time.perf_counter()
+        drawn = draw()
+        thoughts = group.sample(drawn.per_rank)
+        wait_all([t for row in thoughts for t in row], timeout, "sample")
+        learn_start = time.perf_counter()
+        result = group.learn(step, thoughts)
+        sync_start = time.perf_counter()
+        wait_all(group.push_weights(step + 1), timeout, "load_weights")
+        yield drawn, with_timings(result, start, learn_start, sync_start)
+
+
+def async_steps(group: ActorGroup, config: Config, draw: Callable[[], DrawnStep], first_step: int) -> StepLoop:
+    """cluster.async_rollout: while the learners learn step s, the rollout actors already sample step s + 1
+    with the weights before that update (one version stale; the learner importance-corrects it). The new
+    weights queue behind those samples on each rollout actor and are waited for with the next step's."""
+    timeout = config.train.step_timeout_s
+
+    def draw_and_sample() -> tuple[DrawnStep, list[list[Named]]]:
+        drawn = draw()
+        return drawn, group.sample(drawn.per_rank)
+
+    upcoming = None  # the next step's data, its thoughts already being sampled
+    loads: list[Named] = []  # weight loads not yet waited for
+    for step in range(first_step, config.train.steps):
+        start = time.perf_counter()
+        drawn, thoughts = upcoming or draw_and_sample()
+        wait_all(loads + [t for row in thoughts for t in row], timeout, "sample")
+        upcoming = draw_and_sample() if step + 1 < config.train.steps else None  # by the weights about to change
+        learn_start = time.perf_counter()
+        result = group.learn(step, thoughts)
+        sync_start = time.perf_counter()
+        loads = group.push_weights(step + 1)
+        yield drawn, with_timings(result, start, learn_start, sync_start)
+    wait_all(loads, timeout, "load_weights")
+
+
+def with_timings(result: StepResult, start: float, learn_start: float, sync_start: float) -> StepResult:
+    """Rank 0's result with the driver's view of the step: rollout = waiting for thoughts, learn = the learner's
+    own measure, weight sync = publishing and (synchronous) loading the new weights, step = all of it."""
+    now = time.perf_counter()
+    metrics = result.metrics
+    metrics.update(step_timings(learn_start - start, metrics["time/learn"], now - sync_start, now - start))
+    metrics.update(throughput(metrics, now - start))
+    return result
 
 
 def train(config: Config, resume: bool = True, allow_config_change: bool = False) -> Path:
@@ -410,47 +478,20 @@ def run_attempt(config: Config, latest: Path | None, written_by: int | None, res
             f", resumed from {latest}" if latest else "",
         )
         logger = MetricsLogger(config, run_dir, 0, resumed_step=state.step)
-        upcoming: DrawnStep | None = None  # async: the next step's data, its thoughts already being sampled
-        upcoming_thoughts: list[list[Named]] = []
-        pending_loads: list[Named] = []  # async: weight loads not yet waited for
-        while state.step < config.train.steps:
-            step_start = time.perf_counter()
-            current, upcoming = upcoming or draw(stream, batches), None
-            if cluster.colocate:
-                results = group.on_learners("sample_and_learn", state.step, per_rank=current.per_rank)
-            else:
-                thoughts = upcoming_thoughts or group.sample(current.per_rank, state.step + 1)
-                rollout_start = time.perf_counter()
-                wait_all(pending_loads + [t for row in thoughts for t in row], config.train.step_timeout_s, "sample")
-                rollout_seconds = time.perf_counter() - rollout_start
-                if cluster.async_rollout and state.step + 1 < config.train.steps:
-                    # Sampled by the weights that are about to be updated: one version stale when learned.
-                    upcoming = draw(stream, batches)
-                    upcoming_thoughts = group.sample(upcoming.per_rank, state.step + 2)
-                else:
-                    upcoming_thoughts = []
-                results = group.on_learners("learn", state.step, per_rank=[[t.ref for t in row] for row in thoughts])
-                sync_start = time.perf_counter()
-                pending_loads = group.push_weights(state.step + 1)  # queued behind the prefetched samples
-                if not cluster.async_rollout:
-                    wait_all(pending_loads, config.train.step_timeout_s, "load_weights")
-                    pending_loads = []
-                seconds = time.perf_counter() - step_start
-                learn_seconds = results[0].metrics["time/learn"]
-                results[0].metrics.update(
-                    step_timings(rollout_seconds, learn_seconds, time.perf_counter() - sync_start, seconds)
-                )
-                results[0].metrics.update(throughput(results[0].metrics, seconds))
+
+        def draw() -> DrawnStep:
+            return DrawnStep(next(batches), copy.copy(stream.position), copy.copy(stream.stats))
+
+        loop = colocated_steps if cluster.colocate else async_steps if cluster.async_rollout else synchronous_steps
+        for drawn, result in loop(group, config, draw, state.step):
             state.step += 1
-            state.data, state.data_stats = current.position, current.stats
+            state.data, state.data_stats = drawn.position, drawn.stats
             extra = {"cluster/restarts": restarts}
             if eval_due(config.eval, state.step, config.train.steps):
                 extra.update(group.on_learners("evaluate")[0])
-            log_step(logger, config, tokenizer, state, results[0], current.stats, extra)
+            log_step(logger, config, tokenizer, state, result, drawn.stats, extra)
             if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
                 group.on_learners("save_checkpoint", state)
-        if pending_loads:
-            wait_all(pending_loads, config.train.step_timeout_s, "load_weights")
         log.info("done: %s", run_dir)
     finally:
         if logger is not None:

@@ -28,6 +28,7 @@ from qstar_rl.engine import (
     with_resolved_dtype,
 )
 from qstar_rl.eval import periodic_eval
+from qstar_rl.faults import kill_at
 from qstar_rl.learner import StepResult, learn_step, train_step
 from qstar_rl.loading import build_thinking_lm
 from qstar_rl.rollout import ThoughtBatch, rollout
@@ -179,10 +180,9 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def sample(self, batch: dict[str, torch.Tensor], step: int) -> ThoughtBatch:
-        """Thoughts for one micro-batch of optimizer step `step` (1-based), on CPU for the object store."""
-        marker = Path(self.config.train.run_dir) / f".fault_rollout_{step}"
-        checkpoint.fault(f"rollout_{step}", once_marker=marker)
+    def sample(self, batch: dict[str, torch.Tensor]) -> ThoughtBatch:
+        """Thoughts for one micro-batch, sampled with the weights last loaded, on CPU for the object store."""
+        kill_at(f"rollout_v{self.version}", once_marker=Path(self.config.train.run_dir) / f".fault_v{self.version}")
         batch = {k: v.to(_device()) for k, v in batch.items()}
         think = self.config.loss.objective == "quiet_star"
         return rollout(self.model, batch, self.config.train.seed, self.version, think=think).to("cpu")

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "qstar_rl"
 LAYERS = [
     ["qstar_rl.core"],  # the method's math: torch only
-    ["qstar_rl.config", "qstar_rl.flops"],  # typed configs; FLOP counting
+    ["qstar_rl.config", "qstar_rl.flops", "qstar_rl.faults"],  # typed configs; FLOP counting; fault injection
     ["qstar_rl.corpus", "qstar_rl.model"],  # offline corpora; ThinkingLM
     ["qstar_rl.loading", "qstar_rl.data", "qstar_rl.rollout", "qstar_rl.engine"],  # loading, windows, DeepSpeed
     ["qstar_rl.learner", "qstar_rl.checkpoint"],  # the train step; checkpoints

@@ -103,8 +103,8 @@ def test_weights_after_a_sync_equal_the_learners_exactly(cluster, tmp_path, monk
         group = ActorGroup(config)
         assert group.setup(resume_from=None) == 0
         stream = WindowStream(config.data, load_tokenizer(config.model.name), seed=0, world_size=2)
-        thoughts = group.sample(next(stream.step_batches(1, 1)), step=1)
-        group.on_learners("learn", 0, per_rank=[[t.ref for t in row] for row in thoughts])  # one optimizer step
+        thoughts = group.sample(next(stream.step_batches(1, 1)))
+        group.learn(0, thoughts)  # one optimizer step
         before = ray.get(group.rollouts[0].state_dict.remote())
         chunks = group.publish_weights()
         assert len(chunks) >= 2, "whole tensors grouped into chunks of at least 1 MiB"
@@ -147,7 +147,7 @@ def test_asking_for_more_than_the_cluster_has_fails_fast_with_exit_2(cluster, tm
 
 
 def test_a_killed_rollout_actor_stops_the_run_with_its_name(cluster, tmp_path):
-    proc = ray_train(cluster, tmp_path / "run", "train.steps=3", QSTAR_RL_KILL_AT="rollout_2")
+    proc = ray_train(cluster, tmp_path / "run", "train.steps=3", QSTAR_RL_KILL_AT="rollout_v1")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "rollout-0 died during sample" in proc.stderr
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1]
@@ -156,7 +156,7 @@ def test_a_killed_rollout_actor_stops_the_run_with_its_name(cluster, tmp_path):
 def test_a_killed_rollout_actor_restarts_from_the_last_checkpoint(cluster, reference, tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["train.steps=4", "train.checkpoint_every=2", "cluster.max_restarts=1"]
-    proc = ray_train(cluster, run_dir, *overrides, QSTAR_RL_KILL_AT="rollout_3")
+    proc = ray_train(cluster, run_dir, *overrides, QSTAR_RL_KILL_AT="rollout_v2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "restart 1 of 1 from the last checkpoint" in (run_dir / "train.log").read_text()
     rows = metrics(run_dir)
