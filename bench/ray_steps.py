@@ -2,7 +2,7 @@
 weight-sync time of SmolLM2-135M.
 
     python bench/ray_steps.py              # CPU: ~6 min on 2 cores, writes bench/results/ray_steps.json
-    python bench/ray_steps.py --quick      # tiny model only, 2 steps (smoke test)
+    python bench/ray_steps.py --quick      # tiny model, 2 steps, Ray vs deepspeed only (smoke test)
     python bench/ray_steps.py --gpus       # one GPU per actor (a node with >= 3 GPUs)
 
 Every run is a real `qstar-rl ray-train` / `qstar-rl train` subprocess on the same machine (a private local
@@ -63,7 +63,7 @@ def phase_row(model: str, mode: str, rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps, no colocated run (smoke test)")
     parser.add_argument("--gpus", action="store_true", help="one GPU per actor instead of CPU")
     parser.add_argument("--out", default=str(RESULTS / "ray_steps.json"))
     args = parser.parse_args()
@@ -73,10 +73,11 @@ def main() -> None:
     quiet = ["train.checkpoint_every=1000", "train.thought_table_every=0", "wandb.mode=disabled"]
     plans = [
         ("tiny-llama", "ray", "ray", tiny, [*TWO_RANKS, *steps, *quiet]),
-        ("tiny-llama", "ray-colocated", "ray", tiny, [*TWO_RANKS, "cluster.colocate=true", *steps, *quiet]),
         ("tiny-llama", "deepspeed", "deepspeed", tiny, ["train.micro_batch_size=1", *steps, *quiet]),
     ]
-    if not args.quick:
+    if not args.quick:  # a second private Ray cluster (~45 s on 2 cores) and the real model
+        colocated = [*TWO_RANKS, "cluster.colocate=true", *steps, *quiet]
+        plans.insert(1, ("tiny-llama", "ray-colocated", "ray", tiny, colocated))
         # Short windows: the sync moves the same 135M parameters whatever T is, and the steps stay short.
         small = ["data.seq_len=32", "train.steps=3", *quiet]
         plans.append(("smollm2-135m", "ray", "ray", smollm2, [*TWO_RANKS, *small]))
@@ -95,7 +96,8 @@ def main() -> None:
     ratios = []
     for key in PHASES:
         name = key.split("/")[1]
-        ratios.append({"phase": name, **{f"ray / {m}": base["ray"][name] / base[m][name] for m in OTHERS}})
+        others = [m for m in OTHERS if m in base]
+        ratios.append({"phase": name, **{f"ray / {m}": base["ray"][name] / base[m][name] for m in others}})
     print_table("tiny-llama: Ray step relative to the colocated steps", ratios, list(ratios[0]))
 
     write_results(args.out, gpus=args.gpus, quick=args.quick, phases=phases, ratios=ratios, runs=runs)

@@ -3,7 +3,7 @@ torch AdamW (`qstar_rl.engine.PlainEngine`), same model, same data, same thought
 
     python bench/zero3_tax.py            # SmolLM2-135M fp32, T=64, R=2, M=5, K=4, B=1 (CPU: ~5 min on 2 cores),
                                          # writes bench/results/zero3_tax.json
-    python bench/zero3_tax.py --quick    # tiny model (smoke test)
+    python bench/zero3_tax.py --quick    # tiny model, one subprocess per engine (smoke test)
 
 Engines (`KINDS`): `zero3` is the trainer's engine (`engine.build_thinking_engine`, so at one rank with
 `engine.ONE_RANK_ZERO3` and `engine.drop_one_rank_zero3_overheads`); `plain` is PlainEngine over the same model.
@@ -119,15 +119,18 @@ def measure_engine(kind: str, overrides: Sequence[str] = (), steps: int = 5, thr
     }
 
 
-def run_engine(kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None) -> dict:
+def run_engine(
+    kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None, memory_run: bool = True
+) -> dict:
     """`measure_engine` in fresh single-process subprocesses: the times from one with glibc's default allocator
     (what a run uses; bench/common.py's measuring settings turn every allocation over 64 KiB into an mmap with its
     page faults, which slows the engine that allocates more, and the comparison with it), the peak from one with
     the measuring settings (freed memory returned at once, so the high-water mark is what was live). The
-    default allocator's own high-water mark is kept as `peak_mib_default_allocator`."""
+    default allocator's own high-water mark is kept as `peak_mib_default_allocator`. Without `memory_run` (the
+    smoke test) the timing run's high-water mark stands for both."""
     spec = {"kind": kind, "overrides": list(overrides), "steps": steps, "threads": threads}
     timing = run_point(__file__, spec, measuring=False)
-    memory = run_point(__file__, {**spec, "steps": WARMUP_STEPS + 1})
+    memory = run_point(__file__, {**spec, "steps": WARMUP_STEPS + 1}) if memory_run else timing
     return {**timing, "peak_mib": memory["peak_mib"], "peak_mib_default_allocator": timing["peak_mib"]}
 
 
@@ -145,7 +148,7 @@ def main() -> None:
         print(json.dumps(measure_engine(spec["kind"], spec["overrides"], spec["steps"], spec["threads"])))
         return
     overrides = [*STEP, *(QUICK if args.quick else []), *args.overrides]
-    rows = {kind: run_engine(kind, overrides, args.steps, args.threads) for kind in KINDS}
+    rows = {kind: run_engine(kind, overrides, args.steps, args.threads, memory_run=not args.quick) for kind in KINDS}
     plain = rows["plain"]
     ratios = {
         "zero3_over_plain_time": rows["zero3"]["step_s"] / plain["step_s"],

@@ -80,8 +80,9 @@ class LocalRayCluster:
         raise TimeoutError("the Ray head did not come up")
 
     def stop(self) -> None:
-        """Kill this cluster's processes: the `ray start` process group, then anything whose command line
-        names this cluster's temp dir or port (raylet, GCS, dashboard, workers)."""
+        """Kill this cluster's processes: everything in the session `ray start` began (its agents rename
+        themselves, e.g. `ray::DashboardAgent`, so their command line no longer names the cluster), and anything
+        whose command line names this cluster's temp dir or port (raylet, GCS, dashboard, workers)."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self._own_pids():
                 try:
@@ -100,8 +101,9 @@ class LocalRayCluster:
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
+                session = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            except (OSError, IndexError, ValueError):
                 continue
-            if any(mark in cmdline for mark in marks) or int(entry.name) == self.process.pid:
+            if any(mark in cmdline for mark in marks) or session == self.process.pid:
                 pids.append(int(entry.name))
         return pids

@@ -29,7 +29,7 @@ def test_thoughts_benchmark_quick(tmp_path):
 
 def test_ray_steps_benchmark_quick(tmp_path):
     proc, result = run_quick("ray_steps.py", tmp_path)
-    assert [row["mode"] for row in result["phases"]] == ["ray", "ray-colocated", "deepspeed"]
+    assert [row["mode"] for row in result["phases"]] == ["ray", "deepspeed"]  # colocated: full run only
     assert all(row["step"] > 0 and row["weight_sync"] > 0 for row in result["phases"])
     assert [row["phase"] for row in result["ratios"]] == ["rollout", "learn", "weight_sync", "step"]
     assert "Ray step relative to the colocated steps" in proc.stdout
