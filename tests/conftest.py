@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,18 @@ from qstar_rl.loading import tiny_lm
 from qstar_rl.model import ThinkingLM
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def one_rank_reference(tmp_path_factory) -> Path:
+    """The run directory of the colocated `deepspeed` path on the tiny config: 1 ZeRO-3 rank, 4 steps, 2
+    accumulation micro-batches of 1 sequence, periodic evaluation. Multi-rank and Ray runs of the same global
+    batch must reproduce its metrics; copy it before changing anything in it."""
+    from test_train import EVAL, train
+
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train(run_dir, "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=2", *EVAL)
+    return run_dir
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

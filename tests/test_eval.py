@@ -163,16 +163,16 @@ def test_the_eval_command_explains_a_hub_it_cannot_reach():
 
 
 @pytest.mark.slow
-def test_eval_of_smollm2_on_20_gsm_symbolic_items_runs_offline_and_writes_results(tmp_path, monkeypatch):
+def test_eval_of_smollm2_on_8_gsm_symbolic_items_runs_offline_and_writes_results(tmp_path, monkeypatch):
     from qstar_rl.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "result.json"
-    args = ["eval", "--checkpoint", "smollm2-135m", "--task", "gsm_symbolic", "--limit", "20"]
+    args = ["eval", "--checkpoint", "smollm2-135m", "--task", "gsm_symbolic", "--limit", "8"]
     assert main([*args, "--thought-length", "2", "--max-new-tokens", "6", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["items"] == 20 and len(result["records"]) == 20
+    assert result["items"] == 8 and len(result["records"]) == 8
     metrics = result["metrics"]
     for name in ("answer_prob", "answer_prob_full", "exact_match"):
         assert 0 <= metrics[name] <= 1 and 0 <= metrics[f"{name}_no_think"] <= 1

@@ -18,7 +18,7 @@ def tiny_experiment(tmp_path: Path, **changes) -> Path:
     spec = {
         "train_config": "qstar_rl/configs/tiny.yaml",
         "overrides": [
-            *("data.source=math", "train.steps=2", "train.checkpoint_every=1", "train.thought_table_every=0"),
+            *("data.source=math", "train.steps=2", "train.thought_table_every=0"),
             "wandb.mode=disabled",  # its service costs seconds a run
         ],
         "arms": ["base", "nll_control_compute", "quiet_star"],

@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 from ray_cluster import BIN, LocalRayCluster, cluster_env
-from test_train import EVAL, EVAL_KEYS, METRIC_KEYS, TINY, metrics, train
+from test_train import EVAL, EVAL_KEYS, METRIC_KEYS, TINY, metrics
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
@@ -42,11 +42,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
+def reference(one_rank_reference) -> list[dict]:
     """The colocated `deepspeed` path (1 ZeRO-3 rank, 2 accumulation micro-batches of 1): same global batch."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(run_dir, "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=2", *EVAL)
-    return metrics(run_dir)
+    return metrics(one_rank_reference)
 
 
 def ray_train(cluster: LocalRayCluster, run_dir: Path, *overrides: str, timeout: float = 600, **env: str):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from test_engine import cpuinfo_has_bf16
 from wandb_file import history
 
 from qstar_rl.config import ThoughtConfig
-from qstar_rl.engine import free_port
+from qstar_rl.engine import free_port, resolve_dtype
 from qstar_rl.export import checkpoint_state_dict
 from qstar_rl.loading import load_lm
 from qstar_rl.model import ThinkingLM
@@ -139,10 +141,9 @@ def test_a_finished_run_reports_thinking_on_held_out_text(tiny_run):
     assert (tiny_run / "report" / "index.html").is_file()
 
 
-def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(tmp_path):
-    overrides = ["train.steps=4", "train.micro_batch_size=2", "train.global_batch_size=4", *EVAL]
-    one = tmp_path / "one"
-    train(one, *overrides)  # 1 rank, 2 accumulation micro-batches
+def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(one_rank_reference, tmp_path):
+    overrides = ["train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=2", *EVAL]
+    one = one_rank_reference  # 1 rank, 2 accumulation micro-batches: the same overrides
     two = tmp_path / "two"
     proc = train(two, *overrides, "model.gradient_checkpointing=true", ranks=2)  # 2 ranks, 1 micro-batch each
     assert "activation checkpointing on" in (two / "train.log").read_text()
@@ -159,7 +160,7 @@ def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(tm
     # A checkpoint resumes on another world size (DeepSpeed's universal format, the same global batch): 1 -> 2
     # and 2 -> 1 ranks continue as the uninterrupted runs did.
     for source, ranks, written_by in ((one, 2, 1), (two, 1, 2)):
-        resumed = tmp_path / f"{source.name}_then_{ranks}"
+        resumed = tmp_path / f"{written_by}_then_{ranks}"
         shutil.copytree(source, resumed)
         shutil.rmtree(resumed / "checkpoints" / "step_000004")  # as if stopped after step 2
         train(resumed, *overrides[:3], ranks=ranks)  # without the periodic eval (listed as a change)
@@ -263,7 +264,10 @@ def test_a_source_without_windows_exits_2_before_the_model_loads(tmp_path):
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
-def test_a_corpus_with_bad_documents_trains_and_counts_them(tmp_path):
+def test_a_corpus_with_bad_documents_trains_and_counts_them_in_the_dtype_auto_resolves_to(tmp_path):
+    """Bad documents are skipped and counted (data/*); the same run (one start for two behaviours) has
+    model.dtype=auto, and config.yaml (of the run and of its checkpoint) and the log line name the dtype this
+    machine resolved it to."""
     good = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. "
     corpus = tmp_path / "corpus.jsonl"
     lines = [json.dumps({"text": good}).encode() for _ in range(2)]  # ~1 window an epoch: every record is read
@@ -275,11 +279,20 @@ def test_a_corpus_with_bad_documents_trains_and_counts_them(tmp_path):
     ]
     corpus.write_bytes(b"\n".join(lines))
     run_dir = tmp_path / "run"
-    train(run_dir, f"data.source={corpus}", "train.steps=2")
+    train(run_dir, f"data.source={corpus}", "train.steps=2", "model.dtype=auto")
     last = metrics(run_dir)[-1]
     assert math.isfinite(last["loss/total"])
     assert last["data/skipped_empty"] >= 1 and last["data/skipped_undecodable"] >= 1
     assert last["data/skipped_too_short"] >= 1 and last["data/skipped_missing_field"] >= 1
+
+    if torch.cuda.is_available():
+        expected = resolve_dtype("auto")
+    else:
+        expected = "bfloat16" if cpuinfo_has_bf16() else "float32"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["dtype"] == expected
+    checkpointed = next(run_dir.glob("checkpoints/step_*/config.yaml"))
+    assert yaml.safe_load(checkpointed.read_text())["model"]["dtype"] == expected
+    assert f"training tiny-llama ({expected}, activation checkpointing off)" in (run_dir / "train.log").read_text()
 
 
 def test_export_then_reload_gives_the_same_scores(tiny_run, tmp_path):
