@@ -121,20 +121,28 @@ class NonFiniteModel(RuntimeError):
 
 
 def _sample(logits: torch.Tensor, tau: float, generator) -> torch.Tensor:
-    """One token per row of logits (B, N, V) at temperature tau: one generator, or one per sequence."""
+    """One token per row of logits (B, N, V) at temperature tau: one generator, or one per sequence.
+
+    Inverse-CDF sampling: one uniform number per row against the float64 cumulative probabilities, exact like
+    torch.multinomial, which draws V exponential variates per row instead (0.1 s a decode step at N = R*T = 128
+    rows and V = 49,152 on 2 CPU cores, 8% of a default step). right=True never picks a token of probability 0."""
     probs = (logits / tau).softmax(dim=-1)  # (B, N, V)
-    try:
-        if isinstance(generator, list | tuple):
-            rows = zip(probs, generator, strict=True)
-            return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in rows])
-        return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:2])
-    except RuntimeError as err:
-        if torch.isfinite(probs).all():
-            raise
+    cdf = probs.double().cumsum(dim=-1)  # (B, N, V)
+    total = cdf[..., -1]  # (B, N): 1 up to rounding; not finite when any probability is not
+    if not torch.isfinite(total).all():
         raise NonFiniteModel(
             "thought sampling met non-finite probabilities: the weights have overflowed (optim.lr far too high?). "
             "Lower optim.lr and resume from the last complete checkpoint."
-        ) from err
+        )
+    rows = probs.shape[:2]
+    if isinstance(generator, list | tuple):  # (B,) generators: row b's uniforms come from generator b
+        uniform = torch.stack(
+            [torch.rand(rows[1], generator=g, dtype=torch.float64, device=probs.device) for g in generator]
+        )
+    else:
+        uniform = torch.rand(rows, generator=generator, dtype=torch.float64, device=probs.device)
+    token = torch.searchsorted(cdf, (uniform * total).unsqueeze(-1), right=True).squeeze(-1)  # (B, N)
+    return token.clamp(max=probs.shape[-1] - 1)
 
 
 class ThinkingLM(nn.Module):
