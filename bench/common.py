@@ -69,10 +69,22 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
         print(" | ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has native bf16 matmuls (from /proc/cpuinfo; '' where there is none)."""
+    from qstar_rl.engine import BF16_CPU_FLAGS, cpu_flags
+
+    path = Path("/proc/cpuinfo")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    name = next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), "")
+    native = sorted(BF16_CPU_FLAGS & cpu_flags())
+    return f"{name} (native bf16: {', '.join(native) or 'none'})" if name else ""
+
+
 def write_results(path: str | Path, **sections) -> None:
     """Write a benchmark's results as JSON, with the machine they were measured on."""
     machine = {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -13,8 +13,14 @@ Then the same step again under a dispatch mode that counts FLOPs with torch.util
 (untimed), per phase (matrix products and attention; elementwise work is not counted). The GEMM limit is this machine's
 `torch.mm` rate in the step's dtype on the model's own matrix shapes (the q/k/v/o projections, the MLP and
 the LM head, weighted by the FLOPs each takes per token), measured in the same process and thread count;
-`frac_of_gemm_limit` = (FLOPs / GEMM rate) / measured time. Peak RSS is the resident-set high-water mark of
-the whole measured step above the level right before it (/proc/self/clear_refs), on GPU the allocator's peak.
+`frac_of_gemm_limit` = (FLOPs / GEMM rate) / measured time. Times come from a process with the allocator a run
+uses (`engine.keep_freed_memory_for_reuse`), the fastest of `--repeats` timed steps. Peak RSS is the resident-set
+high-water mark of a measured step above the level right before it (/proc/self/clear_refs), from a second
+process with bench/common.py's measuring allocator (freed memory leaves at once: the peak of live tensors);
+`resident_mib` is the timing process's whole resident set at its highest during the timed steps. On GPU: the
+allocator's peak. For the default shape a third process runs with glibc's default allocator
+(MALLOC_TRIM_THRESHOLD_ set, so the trainer leaves it alone): `freed_memory_reuse_speedup` is its step time over
+the run's, and `glibc_default_resident_mib` its resident set at most.
 ZeRO-3 against a plain torch AdamW at world size 1 comes from bench/zero3_tax.py (same model and data).
 
 Writes bench/results/step_cost.json with top-level keys default_dtype, frac_of_gemm_limit (full step of the
@@ -50,6 +56,8 @@ SHAPES = {
     "T=256": ["data.seq_len=256"],
     "T=1024": ["data.seq_len=1024", "model.gradient_checkpointing=true"],
 }
+GLIBC_DEFAULT_ENV = {"MALLOC_TRIM_THRESHOLD_": "131072"}
+"""glibc's own default trim threshold, set explicitly: the trainer then leaves the allocator as glibc sets it up."""
 QUICK_SHAPES = {"default": ["data.seq_len=32"], "T=64": ["data.seq_len=64", "model.gradient_checkpointing=true"]}
 
 
@@ -128,17 +136,22 @@ def step_point(spec: dict) -> dict:
 
         run_step(model, engine, full_weights, next_batch(), config, 0, lambda phase: None)  # warm-up
         base = reset_peak()
-        clock = PhaseClock()
-        run_step(model, engine, full_weights, next_batch(), config, 1, clock)
-        growth = peak() - base
+        clocks = []
+        for repeat in range(spec["repeats"]):
+            clocks.append(PhaseClock())
+            run_step(model, engine, full_weights, next_batch(), config, 1 + repeat, clocks[-1])
+        high_water = peak()
+        growth = high_water - base
+        if spec.get("peak_only"):
+            return {"peak_rss_mib": growth / 2**20}
         with PhaseFlops() as flops:
-            run_step(model, engine, full_weights, next_batch(), config, 2, flops)
+            run_step(model, engine, full_weights, next_batch(), config, 1 + spec["repeats"], flops)
         dtype = next(p for p in engine.module.parameters() if p.is_floating_point()).dtype
         thought = config.thought
         tokens = config.train.micro_batch_size * config.data.seq_len
         branch_rows = tokens * thought.num_thoughts * (thought.length + thought.talk_length + 1)
         rate = gemm_rate(model.lm.config, dtype, min(branch_rows, 4096), device)
-    seconds, counted = clock.values, flops.values
+    seconds, counted = min((c.values for c in clocks), key=lambda v: sum(v.values())), flops.values
     total_s, total_flops = sum(seconds.values()), sum(counted.values())
     phases = [
         {
@@ -163,6 +176,7 @@ def step_point(spec: dict) -> dict:
         "gemm_gflop_per_s": rate / 1e9,
         "frac_of_gemm_limit": total_flops / rate / total_s,
         "peak_rss_mib": growth / 2**20,
+        "resident_mib": high_water / 2**20,
     }
 
 
@@ -173,6 +187,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "step_cost.json"))
     parser.add_argument("--shapes", help="comma-separated subset of the shapes (default: all)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per step")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per shape (the fastest is reported)")
     parser.add_argument(
         "overrides", nargs="*", help="dotted.key=value applied to every shape (e.g. model.dtype=float32)"
     )
@@ -184,16 +199,25 @@ def main() -> None:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = {name: shapes[name] for name in args.shapes.split(",")}
-    points = [
-        run_point(
-            __file__, {"shape": name, "threads": args.threads, "overrides": [*model, *overrides, *args.overrides]}
-        )
-        for name, overrides in shapes.items()
-    ]
+    points = []
+    for name, overrides in shapes.items():
+        spec = {"shape": name, "threads": args.threads, "overrides": [*model, *overrides, *args.overrides]}
+        timing = run_point(__file__, {**spec, "repeats": args.repeats}, measuring=False)
+        memory = run_point(__file__, {**spec, "repeats": 1, "peak_only": True})
+        points.append({**timing, "peak_rss_mib": memory["peak_rss_mib"]})
+    default = points[0]
+    glibc_spec = {"shape": default["shape"], "threads": args.threads, "overrides": default["overrides"]}
+    glibc = run_point(__file__, {**glibc_spec, "repeats": args.repeats}, GLIBC_DEFAULT_ENV, measuring=False)
+    reuse = {
+        "glibc_default_step_seconds": glibc["step_seconds"],
+        "glibc_default_resident_mib": glibc["resident_mib"],
+        "freed_memory_reuse_speedup": glibc["step_seconds"] / default["step_seconds"],
+    }
     for point in points:
         print_table(
             f"{point['shape']}: T={point['T']}, {point['dtype']}, {point['threads']} threads, "
-            f"GEMM limit {point['gemm_gflop_per_s']:.0f} GFLOP/s, peak RSS {point['peak_rss_mib']:.0f} MiB",
+            f"GEMM limit {point['gemm_gflop_per_s']:.0f} GFLOP/s, peak RSS {point['peak_rss_mib']:.0f} MiB live, "
+            f"process resident {point['resident_mib']:.0f} MiB",
             [
                 *point["phases"],
                 {
@@ -216,13 +240,18 @@ def main() -> None:
         f"\nZeRO-3 / plain AdamW at world size 1 ({' '.join(tax_overrides)}): time "
         f"{tax['zero3_over_plain_time']:.2f}x, peak RSS {tax['zero3_over_plain_peak_rss']:.2f}x"
     )
-    default = points[0]
+    print(
+        f"\n{default['shape']}: step {default['step_seconds']:.2f} s with freed memory kept for reuse, "
+        f"{glibc['step_seconds']:.2f} s with glibc's default allocator: {reuse['freed_memory_reuse_speedup']:.2f}x; "
+        f"process resident at most {default['resident_mib']:.0f} vs {glibc['resident_mib']:.0f} MiB"
+    )
     write_results(
         args.out,
         command=" ".join(["python", "bench/step_cost.py", *sys.argv[1:]]),
         default_dtype=default["dtype"],
         frac_of_gemm_limit=default["frac_of_gemm_limit"],
         **tax,
+        **reuse,
         points=points,
         zero3_vs_plain={"overrides": tax_overrides, "zero3": zero3, "plain": plain},
     )

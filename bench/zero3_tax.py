@@ -12,8 +12,9 @@ A step is the trainer's own `learner.train_step` (rollout with the gathered weig
 losses, backward, optimizer step), built from qstar_rl/configs/default.yaml with the sizes above and
 `model.dtype=float32` (PlainEngine has no mixed precision). Each engine runs in a fresh subprocess at world size
 1, twice (`run_engine`): its time is the median of the steps after the first two (warm-up: the Adam moments,
-allocator growth) with glibc's default allocator, and `worst_s` the slowest step after the first; its peak the
-process's resident-set high-water mark over the step after the warm-up (reset through /proc/self/clear_refs),
+allocator growth) with the allocator settings a run uses (`engine.keep_freed_memory_for_reuse`, both engines),
+and `worst_s` the slowest step after the first; its peak the process's resident-set high-water mark over the
+step after the warm-up (reset through /proc/self/clear_refs),
 in a second run where glibc returns freed blocks at once, or on GPU torch.cuda.max_memory_allocated. The peak is
 absolute: weights, gradients and optimizer state count, since they are what the tax is about. Other processes on
 the machine skew the times (`cpu_s`, the process's CPU seconds, less so): compare the rows of one run.
@@ -36,7 +37,14 @@ from common import RESULTS, peak, print_table, reset_peak, run_point, write_resu
 
 from qstar_rl.config import Config, load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.engine import PlainEngine, all_reduce_sum, build_thinking_engine, init_distributed, resolve_dtype
+from qstar_rl.engine import (
+    PlainEngine,
+    all_reduce_sum,
+    build_thinking_engine,
+    init_distributed,
+    keep_freed_memory_for_reuse,
+    resolve_dtype,
+)
 from qstar_rl.learner import train_step
 from qstar_rl.loading import load_lm
 from qstar_rl.model import ThinkingLM, enable_activation_checkpointing
@@ -48,7 +56,7 @@ STEP = ["data.seq_len=64", "thought.num_thoughts=2", "thought.length=5", "though
 """The step the issue measured: SmolLM2-135M (the default config's model), fp32, T=64, R=2, M=5, K=4, B=1."""
 QUICK = ["model.name=tiny-llama", "data.seq_len=24"]
 WARMUP_STEPS = 2
-PEAKS = ("peak_mib", "peak_mib_default_allocator")
+PEAKS = ("peak_mib", "peak_mib_run_allocator")
 
 
 def build(kind: str, config: Config):
@@ -57,6 +65,7 @@ def build(kind: str, config: Config):
         _, world, _ = init_distributed()
         model, tokenizer, engine, full_weights = build_thinking_engine(config, world)
         return model, tokenizer, engine, full_weights, world
+    keep_freed_memory_for_reuse()  # as init_distributed does for the trainer's own engines
     lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(lm)
@@ -122,16 +131,16 @@ def measure_engine(kind: str, overrides: Sequence[str] = (), steps: int = 5, thr
 def run_engine(
     kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None, memory_run: bool = True
 ) -> dict:
-    """`measure_engine` in fresh single-process subprocesses: the times from one with glibc's default allocator
-    (what a run uses; bench/common.py's measuring settings turn every allocation over 64 KiB into an mmap with its
-    page faults, which slows the engine that allocates more, and the comparison with it), the peak from one with
-    the measuring settings (freed memory returned at once, so the high-water mark is what was live). The
-    default allocator's own high-water mark is kept as `peak_mib_default_allocator`. Without `memory_run` (the
-    smoke test) the timing run's high-water mark stands for both."""
+    """`measure_engine` in fresh single-process subprocesses: the times from one with the allocator settings a
+    run uses (engine.keep_freed_memory_for_reuse; bench/common.py's measuring settings turn every allocation over
+    64 KiB into an mmap with its page faults, which slows the engine that allocates more, and the comparison with
+    it), the peak from one with the measuring settings (freed memory returned at once, so the high-water mark is
+    what was live). The timing run's own high-water mark is kept as `peak_mib_run_allocator`. Without
+    `memory_run` (the smoke test) the timing run's high-water mark stands for both."""
     spec = {"kind": kind, "overrides": list(overrides), "steps": steps, "threads": threads}
     timing = run_point(__file__, spec, measuring=False)
     memory = run_point(__file__, {**spec, "steps": WARMUP_STEPS + 1}) if memory_run else timing
-    return {**timing, "peak_mib": memory["peak_mib"], "peak_mib_default_allocator": timing["peak_mib"]}
+    return {**timing, "peak_mib": memory["peak_mib"], "peak_mib_run_allocator": timing["peak_mib"]}
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ import torch
 
 from qstar_rl.config import EVAL_PROTOCOLS, EvalConfig
 from qstar_rl.core.mixing import restricted_token_logprobs, token_logprobs
+from qstar_rl.engine import keep_freed_memory_for_reuse
 from qstar_rl.generate import ThinkingDecoder, generate, load_for_generation
 from qstar_rl.model import ThinkingLM
 
@@ -491,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    keep_freed_memory_for_reuse()
 
     try:
         items = load_task(args.task, args.limit, args.seed, args.data)

@@ -24,6 +24,7 @@ from qstar_rl.engine import (
     build_thinking_engine,
     free_port,
     init_distributed,
+    keep_freed_memory_for_reuse,
     partition_report,
     with_resolved_dtype,
 )
@@ -162,6 +163,7 @@ class RolloutWorker:
 
     def setup(self) -> None:
         """Load the model in the compute dtype that model.dtype resolves to on this actor's device."""
+        keep_freed_memory_for_reuse()
         self.config = with_resolved_dtype(self.config)
         dtype = torch.bfloat16 if self.config.model.dtype == "bfloat16" else torch.float32
         model, _ = build_thinking_lm(self.config.model.name, self.config.thought, self.config.train.seed)
