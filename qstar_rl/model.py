@@ -181,13 +181,17 @@ class ThinkingLM(nn.Module):
         """Input embeddings (..., D) of token ids (...)."""
         return self.lm.get_input_embeddings()(ids)
 
-    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, TextPass]:
-        """Text pass: (B, T) -> final hidden states (B, T, D) and the TextPass holding every layer's K/V."""
+    def _encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, TextPass]:
+        """Text pass: (B, T) -> final hidden states (B, T, D) and the TextPass holding every layer's K/V.
+        `embeds` (B, T, D): the ids' input embeddings, when the caller looked them up already."""
         batch, seq_len = input_ids.shape
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
         text = TextPass(attention_mask)
         out = self.lm.base_model(
-            input_ids=input_ids,
+            input_ids=None if embeds is not None else input_ids,
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=positions,
             use_cache=False,
@@ -338,17 +342,27 @@ class ThinkingLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         valid = valid_positions(attention_mask, talk_length)
-        base_hidden, text = self._encode_text(input_ids, attention_mask)  # (B, T, D)
+        text_embeds = thoughts = future = None
+        if thought_ids is not None:
+            # One embedding lookup for the text, the thoughts and the future tokens: the backward of each lookup
+            # builds a dense (V, D) gradient (113 MB for SmolLM2), so three lookups cost three zero-fills and two
+            # (V, D) additions a step.
+            num_thoughts, length = thought_ids.shape[1], thought_ids.shape[3]
+            thought_steps = thought_ids.permute(0, 3, 1, 2)  # (B, M, R, T)
+            future_ids = gather_shifted(input_ids, range(1, talk_length))  # (B, K-1, T)
+            ids = (input_ids, thought_steps, future_ids)
+            embeds = self.embed(torch.cat([i.reshape(batch, -1) for i in ids], dim=1))  # (B, T + M*R*T + (K-1)*T, D)
+            text_embeds, thoughts, future = embeds.split([i[0].numel() for i in ids], dim=1)
+            thoughts = thoughts.view(*thought_steps.shape, embeds.shape[-1])  # (B, M, R, T, D)
+            future = future.view(*future_ids.shape, embeds.shape[-1])  # (B, K-1, T, D)
+        base_hidden, text = self._encode_text(input_ids, attention_mask, text_embeds)  # (B, T, D)
         base_logprobs = torch.zeros(batch, seq_len, device=input_ids.device)
         base_logprobs[:, :-1] = token_logprobs(self.logits(base_hidden[:, :-1]), input_ids[:, 1:])
         if thought_ids is None:
             return ScoreOutput(None, None, None, None, base_logprobs, valid)
-        _, num_thoughts, _, length = thought_ids.shape
         state = BranchPass(text, num_thoughts, dense=self.thought.attention == "dense")
 
         # Branch inputs in step-major layout (B, L, R, T, D): <sot>, c_1..c_M, <eot>, x_{i+1}..x_{i+K-1}.
-        thoughts = self.embed(thought_ids.permute(0, 3, 1, 2))  # (B, M, R, T, D)
-        future = self.embed(gather_shifted(input_ids, range(1, talk_length)))  # (B, K-1, T, D)
         future = future.unsqueeze(2).expand(-1, -1, num_thoughts, -1, -1)  # (B, K-1, R, T, D)
         meta_shape = (batch, 1, num_thoughts, seq_len, thoughts.shape[-1])
         start = self.meta_embedding(self.start_embedding, thoughts).expand(meta_shape)
