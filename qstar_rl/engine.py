@@ -234,7 +234,13 @@ def broadcast_from_rank0(obj: object) -> object:
 def is_collective_timeout(err: BaseException) -> bool:
     """Whether `err` is a collective giving up on another rank (gloo / NCCL timeouts, a peer gone)."""
     text = str(err).lower()
-    return "timed out" in text or "timeout" in text or "connection closed" in text
+    return "timed out" in text or "timeout" in text or peer_disconnected(err)
+
+
+def peer_disconnected(err: BaseException) -> bool:
+    """Whether a failed collective saw another rank's connection close (the rank died) rather than time out."""
+    text = str(err).lower()
+    return "connection closed" in text or "connection reset" in text
 
 
 def barrier() -> None:

@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,27 +205,31 @@ def launcher_ancestors() -> list[tuple[int, str]]:
     return chain
 
 
-def watch_launcher(rank: int, interval_s: float = 1.0) -> bool:
+def watch_launcher(rank: int, interval_s: float = 1.0) -> Callable[[], None]:
     """When started by a launcher, a daemon thread ends this process (exit 1) within `interval_s` of any launcher
-    process dying; returns whether it watches. Checkpoints stay safe: an unfinished save has no manifest."""
+    process dying. Returns that check (a no-op without a launcher) for the rank to call itself when a collective
+    fails: a peer that stopped because the launcher died is not a rank that stopped answering. Checkpoints stay
+    safe: an unfinished save has no manifest."""
     chain = launcher_ancestors()
-    if not chain:
-        return False
+
+    def stop_if_launcher_gone() -> None:
+        for pid, started in chain:
+            info = _process(pid)
+            if info is None or info[1] != started:
+                log.error(
+                    "rank %d: its launcher (PID %d) is gone; stopping so that a restart does not race it", rank, pid
+                )
+                logging.shutdown()
+                os._exit(1)
 
     def watch() -> None:
         while True:
             time.sleep(interval_s)
-            for pid, started in chain:
-                info = _process(pid)
-                if info is None or info[1] != started:
-                    log.error(
-                        "rank %d: its launcher (PID %d) is gone; stopping so that a restart does not race it", rank, pid
-                    )
-                    logging.shutdown()
-                    os._exit(1)
+            stop_if_launcher_gone()
 
-    threading.Thread(target=watch, name="qstar-launcher-watch", daemon=True).start()
-    return True
+    if chain:
+        threading.Thread(target=watch, name="qstar-launcher-watch", daemon=True).start()
+    return stop_if_launcher_gone
 
 
 class Heartbeats:

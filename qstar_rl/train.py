@@ -33,6 +33,7 @@ from qstar_rl.engine import (
     init_distributed,
     is_collective_timeout,
     partition_report,
+    peer_disconnected,
     with_resolved_dtype,
 )
 from qstar_rl.eval import eval_due, periodic_eval
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class RankTimeout(Exception):
-    """A collective waited longer than train.step_timeout_s for another rank."""
+    """A collective waited longer than train.step_timeout_s for another rank, or lost its connection to it."""
 
 
 def start_plan(
@@ -134,7 +135,7 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
     setup_logging(run_dir, rank)
     for note in plan.notes if rank == 0 else []:
         log.warning("%s", note)
-    rundir.watch_launcher(rank)
+    stop_if_launcher_gone = rundir.watch_launcher(rank)
     heartbeats = rundir.Heartbeats(run_dir, rank)
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
@@ -192,11 +193,14 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
                 checkpoint.save(engine, run_dir, state, config_dict, rank, config.train.keep_checkpoints)
         except RuntimeError as err:
             if world > 1 and is_collective_timeout(err):
+                stop_if_launcher_gone()  # the usual reason a peer vanished: say so, not "a rank stopped answering"
                 laggard = heartbeats.stop_laggard(world)
-                raise RankTimeout(
-                    f"a collective waited more than train.step_timeout_s ({config.train.step_timeout_s:g} s): "
-                    f"{laggard}; stopping the job"
-                ) from err
+                what = (
+                    "lost its connection to another rank"
+                    if peer_disconnected(err)
+                    else f"waited more than train.step_timeout_s ({config.train.step_timeout_s:g} s)"
+                )
+                raise RankTimeout(f"a collective {what}: {laggard}; stopping the job") from err
             raise
     logger.close()
     finish_distributed()  # the report below is rank 0's alone: the others need not wait for it

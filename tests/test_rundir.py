@@ -223,6 +223,46 @@ def test_heartbeats_name_the_rank_that_fell_behind(tmp_path):
     assert rundir.Heartbeats(tmp_path, 0).laggard(3) == (2, None)  # rank 2 never reported
 
 
+LAUNCHED = """
+import logging, os, sys, time
+from pathlib import Path
+from qstar_rl.rundir import watch_launcher
+logging.basicConfig(stream=sys.stderr)
+stop_if_launcher_gone = watch_launcher(0, interval_s=3600)  # the thread sleeps: only the direct call can act
+folder = Path(sys.argv[1])
+(folder / "ready").write_text(str(os.getpid()))
+while not (folder / "go").exists():
+    time.sleep(0.05)
+stop_if_launcher_gone()
+(folder / "survived").touch()
+"""
+# argv[1] names a launcher: "deepspeed" among a process's first arguments is what the check looks for
+LAUNCHER = """
+import subprocess, sys
+subprocess.run([sys.executable, "-c", sys.argv[2], sys.argv[3]], stderr=open(sys.argv[4], "w"))
+"""
+
+
+def test_a_rank_whose_launcher_died_stops_when_it_checks(tmp_path):
+    rundir.watch_launcher(0)()  # pytest is no launcher: the check does nothing
+    log = tmp_path / "rank.log"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, "deepspeed", LAUNCHED, str(tmp_path), str(log)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rank = int((tmp_path / "ready").read_text())
+        launcher.kill()
+        (tmp_path / "go").touch()
+        while rundir._process(rank) is not None and time.monotonic() < deadline:  # None: gone or a zombie
+            time.sleep(0.05)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert not (tmp_path / "survived").exists()
+    assert f"rank 0: its launcher (PID {launcher.pid}) is gone" in log.read_text()
+
+
 class Payload:
     def __reduce__(self):
         return (Path.touch, (Path(os.environ["QSTAR_TEST_MARKER"]),))
