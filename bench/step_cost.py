@@ -12,7 +12,8 @@ subprocess builds the trainer's real ZeRO-3 engine, runs one warm-up step, then 
 Then the same step again under a dispatch mode that counts FLOPs with torch.utils.flop_counter's formulas
 (untimed), per phase (matrix products and attention; elementwise work is not counted). The GEMM limit is this machine's
 `torch.mm` rate in the step's dtype on the model's own matrix shapes (the q/k/v/o projections, the MLP and
-the LM head, weighted by the FLOPs each takes per token), measured in the same process and thread count;
+the LM head, weighted by the FLOPs each takes per token), measured in the same process and thread count, before
+the warm-up step and after the last step, the higher of the two (on a shared VM it moved 48-66 GFLOP/s);
 `frac_of_gemm_limit` = (FLOPs / GEMM rate) / measured time. Times come from a process with the allocator a run
 uses (`engine.keep_freed_memory_for_reuse`), the fastest of `--repeats` timed steps. Peak RSS is the resident-set
 high-water mark of a measured step above the level right before it (/proc/self/clear_refs), from a second
@@ -39,7 +40,7 @@ import torch
 from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
 from zero3_tax import QUICK as TAX_QUICK
 from zero3_tax import STEP as TAX_STEP
-from zero3_tax import run_engine
+from zero3_tax import compare_engines
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
@@ -93,10 +94,11 @@ class PhaseClock:
         self.values[phase], self.last = now - self.last, now
 
 
-def gemm_rate(lm_config, dtype: torch.dtype, rows: int, device: torch.device, repeats: int = 3) -> float:
+def gemm_rate(lm_config, dtype: torch.dtype, rows: int, device: torch.device, min_seconds: float = 0.2) -> float:
     """FLOP/s of torch.mm on this model's matrix shapes, rows x in @ in x out, weighted by their FLOPs per
     token (every layer's projections and MLP, plus the LM head once): the rate a step made only of these
-    products would reach."""
+    products would reach. Each shape's time is the fastest call over at least `min_seconds` of calls (a few
+    calls alone swing by +-20% on a shared VM)."""
     d = lm_config.hidden_size
     head_dim = getattr(lm_config, "head_dim", None) or d // lm_config.num_attention_heads
     kv = getattr(lm_config, "num_key_value_heads", lm_config.num_attention_heads) * head_dim
@@ -110,12 +112,13 @@ def gemm_rate(lm_config, dtype: torch.dtype, rows: int, device: torch.device, re
         b = torch.randn(fan_in, fan_out, device=device, dtype=dtype)
         torch.mm(a, b)  # warm-up
         _sync()
-        best = float("inf")
-        for _ in range(repeats):
+        best, spent = float("inf"), 0.0
+        while spent < min_seconds:
             start = time.perf_counter()
             torch.mm(a, b)
             _sync()
-            best = min(best, time.perf_counter() - start)
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
         flops += 2.0 * rows * fan_in * fan_out * count
         seconds += best * count
     return flops / seconds
@@ -134,6 +137,11 @@ def step_point(spec: dict) -> dict:
         def next_batch() -> dict:
             return {k: v.to(device) for k, v in next(batches).items()}
 
+        dtype = next(p for p in engine.module.parameters() if p.is_floating_point()).dtype
+        thought = config.thought
+        tokens = config.train.micro_batch_size * config.data.seq_len
+        branch_rows = tokens * thought.num_thoughts * (thought.length + thought.talk_length + 1)
+        rates = [] if spec.get("peak_only") else [gemm_rate(model.lm.config, dtype, min(branch_rows, 4096), device)]
         run_step(model, engine, full_weights, next_batch(), config, 0, lambda phase: None)  # warm-up
         base = reset_peak()
         clocks = []
@@ -146,11 +154,9 @@ def step_point(spec: dict) -> dict:
             return {"peak_rss_mib": growth / 2**20}
         with PhaseFlops() as flops:
             run_step(model, engine, full_weights, next_batch(), config, 1 + spec["repeats"], flops)
-        dtype = next(p for p in engine.module.parameters() if p.is_floating_point()).dtype
-        thought = config.thought
-        tokens = config.train.micro_batch_size * config.data.seq_len
-        branch_rows = tokens * thought.num_thoughts * (thought.length + thought.talk_length + 1)
-        rate = gemm_rate(model.lm.config, dtype, min(branch_rows, 4096), device)
+        # the limit is the best the machine showed: measured before the warm-up step and after the last step
+        rates = [*rates, gemm_rate(model.lm.config, dtype, min(branch_rows, 4096), device)]
+        rate = max(rates)
     seconds, counted = min((c.values for c in clocks), key=lambda v: sum(v.values())), flops.values
     total_s, total_flops = sum(seconds.values()), sum(counted.values())
     phases = [
@@ -174,6 +180,7 @@ def step_point(spec: dict) -> dict:
         "step_seconds": total_s,
         "step_gflop": total_flops / 1e9,
         "gemm_gflop_per_s": rate / 1e9,
+        "gemm_gflop_per_s_measured": [r / 1e9 for r in rates],
         "frac_of_gemm_limit": total_flops / rate / total_s,
         "peak_rss_mib": growth / 2**20,
         "resident_mib": high_water / 2**20,
@@ -231,11 +238,8 @@ def main() -> None:
             ["phase", "seconds", "gflop", "gflop_per_s", "frac_of_gemm_limit"],
         )
     tax_overrides = [*TAX_STEP, *(TAX_QUICK if args.quick else [])]  # fp32: PlainEngine has no mixed precision
-    zero3, plain = (run_engine(kind, tax_overrides, threads=args.threads) for kind in ("zero3", "plain"))
-    tax = {
-        "zero3_over_plain_time": zero3["step_s"] / plain["step_s"],
-        "zero3_over_plain_peak_rss": zero3["peak_mib"] / plain["peak_mib"],
-    }
+    comparison = compare_engines(tax_overrides, threads=args.threads, memory_run=not args.quick)
+    tax = {key: comparison[key] for key in ("zero3_over_plain_time", "zero3_over_plain_peak_rss")}
     print(
         f"\nZeRO-3 / plain AdamW at world size 1 ({' '.join(tax_overrides)}): time "
         f"{tax['zero3_over_plain_time']:.2f}x, peak RSS {tax['zero3_over_plain_peak_rss']:.2f}x"
@@ -253,7 +257,7 @@ def main() -> None:
         **tax,
         **reuse,
         points=points,
-        zero3_vs_plain={"overrides": tax_overrides, "zero3": zero3, "plain": plain},
+        zero3_vs_plain={"overrides": tax_overrides, **comparison},
     )
 
 

@@ -1,26 +1,30 @@
 """The ZeRO-3 tax at one rank: a full training step under DeepSpeed ZeRO-3 against the same step with a plain
 torch AdamW (`qstar_rl.engine.PlainEngine`), same model, same data, same thoughts.
 
-    python bench/zero3_tax.py            # SmolLM2-135M fp32, T=64, R=2, M=5, K=4, B=1 (CPU: ~5 min on 2 cores),
+    python bench/zero3_tax.py            # SmolLM2-135M fp32, T=64, R=2, M=5, K=4, B=1 (CPU: ~10 min on 2 cores),
                                          # writes bench/results/zero3_tax.json
-    python bench/zero3_tax.py --quick    # tiny model, one subprocess per engine (smoke test)
+    python bench/zero3_tax.py --quick    # tiny model, one subprocess for both engines (smoke test)
 
 Engines (`KINDS`): `zero3` is the trainer's engine (`engine.build_thinking_engine`, so at one rank with
 `engine.ONE_RANK_ZERO3` and `engine.drop_one_rank_zero3_overheads`); `plain` is PlainEngine over the same model.
 
 A step is the trainer's own `learner.train_step` (rollout with the gathered weights, score with gradients,
 losses, backward, optimizer step), built from qstar_rl/configs/default.yaml with the sizes above and
-`model.dtype=float32` (PlainEngine has no mixed precision). Each engine runs in a fresh subprocess at world size
-1, twice (`run_engine`): its time is the median of the steps after the first two (warm-up: the Adam moments,
-allocator growth) with the allocator settings a run uses (`engine.keep_freed_memory_for_reuse`, both engines),
-and `worst_s` the slowest step after the first; its peak the process's resident-set high-water mark over the
-step after the warm-up (reset through /proc/self/clear_refs),
-in a second run where glibc returns freed blocks at once, or on GPU torch.cuda.max_memory_allocated. The peak is
-absolute: weights, gradients and optimizer state count, since they are what the tax is about. Other processes on
-the machine skew the times (`cpu_s`, the process's CPU seconds, less so): compare the rows of one run.
+`model.dtype=float32` (PlainEngine has no mixed precision), at world size 1.
 
-`measure_engine(kind, overrides)` measures one engine in the calling process; `run_engine(kind, overrides)` does
-it in fresh subprocesses (what a comparison should use).
+Times: both engines live in one fresh process with the allocator settings a run uses
+(`engine.keep_freed_memory_for_reuse`) and take turns step by step, the order alternating (A B, B A, ...), on
+the same windows and thoughts, so that the machine's drift over minutes (on a shared 2-core VM, +-15% between
+runs minutes apart) falls on both alike. `zero3_over_plain_time` is the median of the per-step ratios after
+the first two steps (warm-up: Adam moments, allocator growth); `step_s` each engine's median step, `worst_s` its
+slowest step after the first, `cpu_s` its median CPU seconds (all the process's threads).
+Peaks: each engine alone in a fresh process where glibc returns freed blocks at once, the resident-set
+high-water mark over the step after the warm-up (reset through /proc/self/clear_refs), or on GPU
+torch.cuda.max_memory_allocated. Absolute: weights, gradients and optimizer state count, since they are what
+the tax is about.
+
+`measure_engines(kinds, overrides)` measures in the calling process; `compare_engines(overrides)` does the
+whole comparison in fresh subprocesses (what a comparison should use).
 """
 
 import argparse
@@ -56,7 +60,6 @@ STEP = ["data.seq_len=64", "thought.num_thoughts=2", "thought.length=5", "though
 """The step the issue measured: SmolLM2-135M (the default config's model), fp32, T=64, R=2, M=5, K=4, B=1."""
 QUICK = ["model.name=tiny-llama", "data.seq_len=24"]
 WARMUP_STEPS = 2
-PEAKS = ("peak_mib", "peak_mib_run_allocator")
 
 
 def build(kind: str, config: Config):
@@ -77,106 +80,154 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def measure_engine(kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None) -> dict:
-    """Time and peak memory of `steps` full training steps of engine `kind` (one of KINDS) in this process,
-    on the default config plus `overrides`. Run it in a fresh process (see `run_engine`): the peak is the
-    process's, and DeepSpeed's process group stays for the rest of the process."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def _step_record(kind: str, seconds: float, cpu_seconds: float, result) -> dict:
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "loss": result.metrics["loss/total"],
+        "rollout": result.metrics["time/rollout"],
+        "learn": result.metrics["time/learn"],
+    }
+
+
+def _summary(kind: str, dtype: str, records: list[dict]) -> dict:
+    timed = records[WARMUP_STEPS:]
+    return {
+        "engine": kind,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "step_s": statistics.median(r["seconds"] for r in timed),
+        "worst_s": max(r["seconds"] for r in records[1:]),
+        # CPU seconds of all the process's threads: less sensitive than wall time to other processes sharing the
+        # cores (on a GPU it misses the device time; read step_s there)
+        "cpu_s": statistics.median(r["cpu_seconds"] for r in timed),
+        "rollout_s": statistics.median(r["rollout"] for r in timed),
+        "learn_s": statistics.median(r["learn"] for r in timed),
+        "loss_step1": records[0]["loss"],
+        "step_times": [r["seconds"] for r in records],
+        "cpu_times": [r["cpu_seconds"] for r in records],
+        "losses": [r["loss"] for r in records],
+    }
+
+
+def measure_engines(
+    kinds: Sequence[str], overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None
+) -> dict:
+    """Time `steps` full training steps of each engine in `kinds` (KINDS) in this process, on the default config
+    plus `overrides`, the engines taking turns step by step (the order alternating: A B, B A, ...) so that the
+    machine's drift over minutes falls on both alike. With one engine, also its peak: the process's, so run it
+    in a fresh process (see `run_engine`); DeepSpeed's process group stays for the rest of the process.
+    Returns {"rows": [one summary per engine], "paired_ratios": [first / second engine's time, per step]}."""
+    if not kinds or any(kind not in KINDS for kind in kinds):
+        raise ValueError(f"kinds must be among {KINDS}, got {kinds!r}")
     if steps <= WARMUP_STEPS:
         raise ValueError(f"steps must exceed the {WARMUP_STEPS} warm-up steps, got {steps}")
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
+    device = _device()
     with tempfile.TemporaryDirectory(prefix="qbench") as tmp:
         config = load_config(DEFAULT, [*overrides, f"train.steps={steps}", f"train.run_dir={tmp}"])
-        torch.manual_seed(config.train.seed)
-        model, tokenizer, engine, full_weights, world = build(kind, config)
-        device = _device()
-        batches = WindowStream(config.data, tokenizer, seed=config.train.seed).batches(config.train.micro_batch_size)
-        seconds, cpu_seconds, losses, phases = [], [], [], []
+        engines = {}
+        for kind in kinds:
+            torch.manual_seed(config.train.seed)  # the same mixing-head initialisation for every engine
+            model, tokenizer, engine, full_weights, world = build(kind, config)
+            batches = WindowStream(config.data, tokenizer, seed=config.train.seed).batches(
+                config.train.micro_batch_size
+            )
+            engines[kind] = (model, engine, full_weights, world, batches)
+        records: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for step in range(steps):
             if step == WARMUP_STEPS:  # the peak of the measured steps only
                 reset_peak()
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            start, cpu_start = time.perf_counter(), time.process_time()
-            result = train_step(engine, model, [batch], config, step, all_reduce_sum, world, full_weights)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-            cpu_seconds.append(time.process_time() - cpu_start)
-            losses.append(result.metrics["loss/total"])
-            phases.append((result.metrics["time/rollout"], result.metrics["time/learn"]))
+            for kind in kinds if step % 2 == 0 else reversed(kinds):
+                model, engine, full_weights, world, batches = engines[kind]
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                start, cpu_start = time.perf_counter(), time.process_time()
+                result = train_step(engine, model, [batch], config, step, all_reduce_sum, world, full_weights)
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+                records[kind].append(_step_record(kind, seconds, time.process_time() - cpu_start, result))
         peak_bytes = peak()  # absolute: weights, gradients and optimizer state included
-    return {
-        "engine": kind,
-        "dtype": "float32" if kind == "plain" else resolve_dtype(config.model.dtype),  # PlainEngine: fp32 only
-        "threads": torch.get_num_threads(),
-        "step_s": statistics.median(seconds[WARMUP_STEPS:]),
-        "worst_s": max(seconds[1:]),
-        # CPU seconds of all the process's threads: less sensitive than wall time to other processes sharing the
-        # cores (on a GPU it misses the device time; read step_s there)
-        "cpu_s": statistics.median(cpu_seconds[WARMUP_STEPS:]),
-        "rollout_s": statistics.median(p[0] for p in phases[WARMUP_STEPS:]),
-        "learn_s": statistics.median(p[1] for p in phases[WARMUP_STEPS:]),
-        "peak_mib": peak_bytes / 2**20,
-        "peak_of": "cuda_allocated" if cuda else "rss",
-        "loss_step1": losses[0],
-        "step_times": seconds,
-        "cpu_times": cpu_seconds,
-        "losses": losses,
-    }
+    rows = []
+    for kind in kinds:
+        dtype = "float32" if kind == "plain" else resolve_dtype(config.model.dtype)  # PlainEngine: fp32 only
+        rows.append({**_summary(kind, dtype, records[kind]), "peak_mib": peak_bytes / 2**20, "peak_of": _peak_of()})
+    ratios = []
+    if len(kinds) == 2:
+        first, second = (records[kind][WARMUP_STEPS:] for kind in kinds)
+        ratios = [a["seconds"] / b["seconds"] for a, b in zip(first, second, strict=True)]
+    return {"rows": rows, "paired_ratios": ratios}
 
 
-def run_engine(
-    kind: str, overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None, memory_run: bool = True
+def _peak_of() -> str:
+    return "cuda_allocated" if torch.cuda.is_available() else "rss"
+
+
+def run_engine(kind: str, overrides: Sequence[str] = (), steps: int = WARMUP_STEPS + 1) -> dict:
+    """One engine alone in a fresh single-process subprocess with bench/common.py's measuring allocator
+    settings (freed memory returned at once, so the resident-set high-water mark over the steps after the
+    warm-up is what was live): its `peak_mib`."""
+    spec = {"kinds": [kind], "overrides": list(overrides), "steps": steps, "threads": None}
+    return run_point(__file__, spec)["rows"][0]
+
+
+def compare_engines(
+    overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None, memory_run: bool = True
 ) -> dict:
-    """`measure_engine` in fresh single-process subprocesses: the times from one with the allocator settings a
-    run uses (engine.keep_freed_memory_for_reuse; bench/common.py's measuring settings turn every allocation over
-    64 KiB into an mmap with its page faults, which slows the engine that allocates more, and the comparison with
-    it), the peak from one with the measuring settings (freed memory returned at once, so the high-water mark is
-    what was live). The timing run's own high-water mark is kept as `peak_mib_run_allocator`. Without
-    `memory_run` (the smoke test) the timing run's high-water mark stands for both."""
-    spec = {"kind": kind, "overrides": list(overrides), "steps": steps, "threads": threads}
+    """ZeRO-3 against plain AdamW: the times from one fresh process where both engines take turns, with the
+    allocator settings a run uses (engine.keep_freed_memory_for_reuse; the measuring settings would turn every
+    allocation over 64 KiB into an mmap with its page faults), and each engine's peak from a fresh process of
+    its own with the measuring settings. The timing process's high-water mark (both engines' weights) is not a
+    per-engine figure and is not reported. Without `memory_run` (the smoke test) the peaks come from the timing
+    process. Returns {"rows": [zero3, plain], "paired_ratios": [...], and the three ratios}."""
+    spec = {"kinds": list(KINDS), "overrides": list(overrides), "steps": steps, "threads": threads}
     timing = run_point(__file__, spec, measuring=False)
-    memory = run_point(__file__, {**spec, "steps": WARMUP_STEPS + 1}) if memory_run else timing
-    return {**timing, "peak_mib": memory["peak_mib"], "peak_mib_run_allocator": timing["peak_mib"]}
+    rows = timing["rows"]
+    if memory_run:
+        for row in rows:
+            row["peak_mib"] = run_engine(row["engine"], overrides)["peak_mib"]
+    zero3, plain = rows
+    return {
+        "rows": rows,
+        "paired_ratios": timing["paired_ratios"],
+        # the median of the per-step ratios: each pair of steps ran back to back, under the same conditions
+        "zero3_over_plain_time": statistics.median(timing["paired_ratios"]),
+        "zero3_over_plain_cpu_time": zero3["cpu_s"] / plain["cpu_s"],
+        "zero3_over_plain_peak_rss": zero3["peak_mib"] / plain["peak_mib"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, T=24 (smoke test)")
-    parser.add_argument("--steps", type=int, default=5, help=f"steps per engine, the first {WARMUP_STEPS} not timed")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per engine")
+    parser.add_argument("--steps", type=int, default=6, help=f"steps per engine, the first {WARMUP_STEPS} not timed")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "zero3_tax.json"))
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value for every engine")
     args = parser.parse_args()
     if args.point:
         spec = json.loads(args.point)
-        print(json.dumps(measure_engine(spec["kind"], spec["overrides"], spec["steps"], spec["threads"])))
+        print(json.dumps(measure_engines(spec["kinds"], spec["overrides"], spec["steps"], spec["threads"])))
         return
     overrides = [*STEP, *(QUICK if args.quick else []), *args.overrides]
-    rows = {kind: run_engine(kind, overrides, args.steps, args.threads, memory_run=not args.quick) for kind in KINDS}
-    plain = rows["plain"]
-    ratios = {
-        "zero3_over_plain_time": rows["zero3"]["step_s"] / plain["step_s"],
-        "zero3_over_plain_cpu_time": rows["zero3"]["cpu_s"] / plain["cpu_s"],
-        "zero3_over_plain_peak_rss": rows["zero3"]["peak_mib"] / plain["peak_mib"],
-    }
+    result = compare_engines(overrides, args.steps, args.threads, memory_run=not args.quick)
     print_table(
-        f"world size 1, one full step (median of {args.steps - WARMUP_STEPS} after {WARMUP_STEPS} warm-up), "
-        f"{args.threads} threads: " + " ".join(overrides),
-        list(rows.values()),
-        [*("engine", "dtype", "step_s", "worst_s", "cpu_s", "rollout_s", "learn_s"), *PEAKS],
+        f"world size 1, one full step (median of {args.steps - WARMUP_STEPS} after {WARMUP_STEPS} warm-up, the "
+        f"engines taking turns in one process), {args.threads} threads: " + " ".join(overrides),
+        result["rows"],
+        ["engine", "dtype", "step_s", "worst_s", "cpu_s", "rollout_s", "learn_s", "peak_mib"],
     )
     print(
-        f"\nzero3 / plain: time {ratios['zero3_over_plain_time']:.3f}x (target <= 1.05; CPU time "
-        f"{ratios['zero3_over_plain_cpu_time']:.3f}x), peak memory {ratios['zero3_over_plain_peak_rss']:.3f}x "
+        f"\nzero3 / plain: time {result['zero3_over_plain_time']:.3f}x (median of the per-step ratios "
+        f"{', '.join(f'{r:.3f}' for r in result['paired_ratios'])}; target <= 1.05; CPU time "
+        f"{result['zero3_over_plain_cpu_time']:.3f}x), peak memory {result['zero3_over_plain_peak_rss']:.3f}x "
         "(target <= 1.2)"
     )
     command = " ".join(["python", "bench/zero3_tax.py", *sys.argv[1:]])
-    write_results(args.out, command=command, overrides=overrides, rows=list(rows.values()), **ratios)
+    write_results(args.out, command=command, overrides=overrides, **result)
 
 
 if __name__ == "__main__":

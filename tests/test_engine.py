@@ -153,8 +153,8 @@ def test_one_rank_settings_keep_offloaded_parameters_offloaded_and_leave_the_giv
 def test_zero3_at_one_rank_trains_like_plain_adamw_and_the_tax_benchmark_runs(tmp_path):
     """bench/zero3_tax.py --quick: ZeRO-3 at one rank (its settings, no module hooks, the fp32 master sharing the
     weights' storage) and PlainEngine take the same steps on the tiny model (same data, thoughts and AdamW
-    updates). A large learning rate makes every update show in the next loss; policy weight 1 keeps the 1e6 of the
-    default config from magnifying rounding."""
+    updates), taking turns in one process. A large learning rate makes every update show in the next loss;
+    policy weight 1 keeps the 1e6 of the default config from magnifying rounding."""
     out = tmp_path / "zero3_tax.json"
     cmd = [sys.executable, str(ROOT / "bench" / "zero3_tax.py"), "--quick", "--steps", "3", "--out", str(out)]
     cmd += ["optim.lr=1e-3", "loss.policy_weight=1"]
@@ -166,6 +166,7 @@ def test_zero3_at_one_rank_trains_like_plain_adamw_and_the_tax_benchmark_runs(tm
     losses = rows["plain"]["losses"]
     assert len(losses) == 3  # (at lr 1e-6 instead, step 2's loss differs by 2e-4 relative: the test sees updates)
     assert rows["zero3"]["losses"] == pytest.approx(losses, rel=1e-5)
+    assert len(result["paired_ratios"]) == 1  # the engines took turns; one timed step after the 2 warm-up steps
     for key in ("zero3_over_plain_time", "zero3_over_plain_cpu_time", "zero3_over_plain_peak_rss"):
         assert result[key] > 0
     assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in rows.values())
@@ -179,7 +180,7 @@ import torch
 from qstar_rl.checkpoint import RunState, load, save
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.engine import all_reduce_sum, build_thinking_engine, init_distributed
+from qstar_rl.engine import _REDUCE_BUCKET, all_reduce_sum, build_thinking_engine, init_distributed
 from qstar_rl.learner import train_step
 from qstar_rl.loading import load_lm
 from qstar_rl.model import ThinkingLM
@@ -226,6 +227,7 @@ print(json.dumps({
     "hooks_added": hooks(model) - unwrapped_hooks,
     "master_shares_weights": [w.data_ptr() == m.data_ptr() for w, m in
                               zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat)],
+    "gradients_copied_into_partitions": _REDUCE_BUCKET in vars(optimizer),
     "losses": losses,
 }))
 """
@@ -235,8 +237,9 @@ print(json.dumps({
 def test_one_rank_zero3_has_no_module_hooks_no_master_copy_no_second_openmp_team_and_skips_inf_gradients(tmp_path):
     """At world size 1 (fp32, tiny model): DeepSpeed's per-module hooks are gone (one pre-hook on the LM keeps the
     parameters resident instead, also after a checkpoint load released them), the fp32 master partitions are the
-    weights' own storage, and DeepSpeed's setup started no OpenMP team besides the main thread's (a second one
-    makes libgomp stop spin-waiting: see engine.comm_threads_single_threaded). A step with a non-finite gradient
+    weights' own storage, gradients are copied straight into the optimizer's partitions, and DeepSpeed's setup
+    started no OpenMP team besides the main thread's (a second one makes libgomp stop spin-waiting: see
+    engine.comm_threads_single_threaded). A step with a non-finite gradient
     leaves the weights exactly as they were."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run(
@@ -252,6 +255,7 @@ def test_one_rank_zero3_has_no_module_hooks_no_master_copy_no_second_openmp_team
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["hooks_added"] == 1
     assert probe["master_shares_weights"] and all(probe["master_shares_weights"])
+    assert probe["gradients_copied_into_partitions"]  # the pinned DeepSpeed has the reduction it replaces
     assert probe["gloo_worker_threads"] == 2 * probe["gloo_groups"] > 0
     assert all(math.isfinite(loss) for loss in probe["losses"])
     assert probe["skipped"] and probe["untouched"]  # a non-finite gradient: DeepSpeed skipped the update
