@@ -80,7 +80,7 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _step_record(kind: str, seconds: float, cpu_seconds: float, result) -> dict:
+def _step_record(seconds: float, cpu_seconds: float, result) -> dict:
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -148,21 +148,23 @@ def measure_engines(
                 if cuda:
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-                records[kind].append(_step_record(kind, seconds, time.process_time() - cpu_start, result))
+                records[kind].append(_step_record(seconds, time.process_time() - cpu_start, result))
         peak_bytes = peak()  # absolute: weights, gradients and optimizer state included
     rows = []
     for kind in kinds:
         dtype = "float32" if kind == "plain" else resolve_dtype(config.model.dtype)  # PlainEngine: fp32 only
-        rows.append({**_summary(kind, dtype, records[kind]), "peak_mib": peak_bytes / 2**20, "peak_of": _peak_of()})
+        rows.append(
+            {
+                **_summary(kind, dtype, records[kind]),
+                "peak_mib": peak_bytes / 2**20,
+                "peak_of": "cuda_allocated" if cuda else "rss",
+            }
+        )
     ratios = []
     if len(kinds) == 2:
         first, second = (records[kind][WARMUP_STEPS:] for kind in kinds)
         ratios = [a["seconds"] / b["seconds"] for a, b in zip(first, second, strict=True)]
     return {"rows": rows, "paired_ratios": ratios}
-
-
-def _peak_of() -> str:
-    return "cuda_allocated" if torch.cuda.is_available() else "rss"
 
 
 def run_engine(kind: str, overrides: Sequence[str] = (), steps: int = WARMUP_STEPS + 1) -> dict:
