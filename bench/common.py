@@ -1,6 +1,7 @@
 """What every benchmark here shares: peak-memory measurement, fresh-subprocess points, tables and result files."""
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -78,6 +79,23 @@ def cpu_model() -> str:
     name = next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), "")
     native = sorted(BF16_CPU_FLAGS & cpu_flags())
     return f"{name} (native bf16: {', '.join(native) or 'none'})" if name else ""
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of `values` (independent draws): the k-th smallest
+    and k-th largest value, k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2, so it covers the
+    median with at least `confidence`. None when n is too small for any such k (n < 6 at 95%)."""
+    n = len(values)
+    tail = (1 - confidence) / 2
+    below = 0.0  # P(Binomial(n, 1/2) < k)
+    k = 0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
 
 
 def write_results(path: str | Path, **sections) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
+from common import RESULTS, median_interval, peak, print_table, reset_peak, run_point, write_results
 
 from qstar_rl.config import Config, load_config
 from qstar_rl.data import WindowStream
@@ -196,6 +196,7 @@ def compare_engines(
         "paired_ratios": timing["paired_ratios"],
         # the median of the per-step ratios: each pair of steps ran back to back, under the same conditions
         "zero3_over_plain_time": statistics.median(timing["paired_ratios"]),
+        "zero3_over_plain_time_interval95": median_interval(timing["paired_ratios"]),
         "zero3_over_plain_cpu_time": zero3["cpu_s"] / plain["cpu_s"],
         "zero3_over_plain_peak_rss": zero3["peak_mib"] / plain["peak_mib"],
     }
@@ -222,8 +223,11 @@ def main() -> None:
         result["rows"],
         ["engine", "dtype", "step_s", "worst_s", "cpu_s", "rollout_s", "learn_s", "peak_mib"],
     )
+    interval = result["zero3_over_plain_time_interval95"]
     print(
-        f"\nzero3 / plain: time {result['zero3_over_plain_time']:.3f}x (median of the per-step ratios "
+        f"\nzero3 / plain: time {result['zero3_over_plain_time']:.3f}x (95% interval of the median: "
+        + (f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "too few steps")
+        + "; median of the per-step ratios "
         f"{', '.join(f'{r:.3f}' for r in result['paired_ratios'])}; target <= 1.05; CPU time "
         f"{result['zero3_over_plain_cpu_time']:.3f}x), peak memory {result['zero3_over_plain_peak_rss']:.3f}x "
         "(target <= 1.2)"

@@ -454,7 +454,8 @@ def drop_one_rank_zero3_overheads(engine) -> None:
       don't need another copy of the weights") but compares a torch.device with a device string, which is never
       equal, so it clones: one more copy of the model. The copy's storage becomes the weights' own (same dtype,
       same device, same elements: the update DeepSpeed writes back is then a copy onto itself).
-    - the gradient "reduction" (`copy_gradients_into_partitions`)."""
+    - the gradient "reduction" (`copy_gradients_into_partitions`) and the flattening of the reduced gradients
+      before the update (`step_on_gradient_partitions`)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     optimizer = engine.optimizer
@@ -475,6 +476,7 @@ def drop_one_rank_zero3_overheads(engine) -> None:
         if (weights.dtype, weights.device) == (master.dtype, master.device) and weights.data_ptr() != master.data_ptr():
             master.data = weights.data
     copy_gradients_into_partitions(optimizer)
+    step_on_gradient_partitions(optimizer)
 
 
 _REDUCE_BUCKET = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"
@@ -509,6 +511,64 @@ def copy_gradients_into_partitions(optimizer) -> bool:
 
     setattr(optimizer, _REDUCE_BUCKET, reduce_bucket)
     return True
+
+
+_PREPARE_FP32_GRAD = "_prepare_fp32_grad_for_sub_group"
+
+
+def step_on_gradient_partitions(optimizer) -> bool:
+    """Let the optimizer update each fp32 master partition with its gradient where ZeRO-3 already keeps it, one
+    contiguous slice of its flat gradient buffer, instead of a flattened copy. DeepSpeed's step concatenates the
+    list of per-parameter views of that slice into a new tensor for every sub-group: a copy of every gradient
+    into a second gradient-sized allocation (SmolLM2-135M fp32: 517 MiB, and 0.84 s of `torch.cat` in a 19 s step
+    at 2 threads). The update then clips that slice in place, which nothing reads afterwards: the next backward
+    overwrites it (DeepSpeed resets its micro-step at every step, so the first micro-batch copies, not adds).
+    Returns whether it applies: not with optimizer offload (gradients live elsewhere there) or DeepSpeed versions
+    without the method or the buffer it relies on; a sub-group whose gradients are not that slice in the master's
+    dtype (a parameter without gradient gets a fresh zero tensor) takes DeepSpeed's own path."""
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if (
+        not hasattr(type(optimizer), _PREPARE_FP32_GRAD)
+        or buffer is None
+        or getattr(optimizer, "offload_optimizer", True)
+        or dist.get_world_size() != 1
+    ):
+        return False
+    flatten_and_prepare = getattr(optimizer, _PREPARE_FP32_GRAD)
+
+    def prepare(sub_group_id: int) -> None:
+        grads = optimizer.averaged_gradients[sub_group_id]
+        master = optimizer.fp32_partitioned_groups_flat[sub_group_id]
+        span = contiguous_span(buffer, grads)
+        if span is None or span.dtype != master.dtype or span.numel() != master.numel():
+            flatten_and_prepare(sub_group_id)
+            return
+        master.grad = span
+        optimizer.averaged_gradients[sub_group_id] = None
+
+    setattr(optimizer, _PREPARE_FP32_GRAD, prepare)
+    return True
+
+
+def contiguous_span(buffer: torch.Tensor, views: list[torch.Tensor]) -> torch.Tensor | None:
+    """The slice of the 1-D `buffer` that the 1-D `views` tile back to back, in order; None if they do not."""
+    if buffer.dim() != 1 or not buffer.is_contiguous() or not views:
+        return None
+    base = buffer.untyped_storage().data_ptr()
+    start = offset = views[0].storage_offset() - buffer.storage_offset()
+    for view in views:
+        if (
+            view.dim() != 1
+            or view.dtype != buffer.dtype
+            or not view.is_contiguous()
+            or view.untyped_storage().data_ptr() != base
+            or view.storage_offset() - buffer.storage_offset() != offset
+        ):
+            return None
+        offset += view.numel()
+    if start < 0 or offset > buffer.numel():
+        return None
+    return buffer.narrow(0, start, offset - start)
 
 
 def build_thinking_engine(config: Config, world_size: int, ds_json: dict | None = None, load_universal: bool = False):

@@ -17,6 +17,7 @@ from qstar_rl.engine import (
     BF16_CPU_FLAGS,
     GLIBC_MALLOC_VARIABLES,
     ONE_RANK_ZERO3,
+    contiguous_span,
     deepspeed_config,
     keep_freed_memory_for_reuse,
     resolve_dtype,
@@ -149,6 +150,24 @@ def test_one_rank_settings_keep_offloaded_parameters_offloaded_and_leave_the_giv
     assert json.dumps(ds_json) == before
 
 
+def test_contiguous_span_is_the_buffer_slice_that_views_tile_in_order_and_none_otherwise():
+    buffer = torch.arange(23, dtype=torch.float32)
+    sizes = [5, 1, 0, 7, 3]  # odd sizes, an empty view, starting past the buffer's first element
+    offsets = [2 + sum(sizes[:i]) for i in range(len(sizes))]
+    views = [buffer.narrow(0, o, n) for o, n in zip(offsets, sizes, strict=True)]
+    span = contiguous_span(buffer, views)
+    assert span is not None and span.data_ptr() == buffer[2:].data_ptr() and span.numel() == sum(sizes)
+    span.mul_(-1)  # a view, not a copy: writing through it writes the views
+    assert torch.equal(torch.cat(views), -torch.arange(2, 2 + sum(sizes), dtype=torch.float32))
+    gap = [buffer.narrow(0, 0, 3), buffer.narrow(0, 4, 3)]
+    out_of_order = [buffer.narrow(0, 3, 3), buffer.narrow(0, 0, 3)]
+    elsewhere = [buffer.narrow(0, 0, 3), buffer.clone().narrow(0, 3, 3)]
+    strided = [buffer[0:6:2]]
+    for views in (gap, out_of_order, elsewhere, strided, [], [torch.zeros(3)]):
+        assert contiguous_span(buffer, views) is None
+    assert contiguous_span(buffer.view(1, 23), [buffer.narrow(0, 0, 3)]) is None  # the buffer must be 1-D
+
+
 @pytest.mark.slow
 def test_zero3_at_one_rank_trains_like_plain_adamw_and_the_tax_benchmark_runs(tmp_path):
     """bench/zero3_tax.py --quick: ZeRO-3 at one rank (its settings, no module hooks, the fp32 master sharing the
@@ -180,7 +199,7 @@ import torch
 from qstar_rl.checkpoint import RunState, load, save
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.engine import _REDUCE_BUCKET, all_reduce_sum, build_thinking_engine, init_distributed
+from qstar_rl.engine import _PREPARE_FP32_GRAD, _REDUCE_BUCKET, all_reduce_sum, build_thinking_engine, init_distributed
 from qstar_rl.learner import train_step
 from qstar_rl.loading import load_lm
 from qstar_rl.model import ThinkingLM
@@ -205,7 +224,11 @@ def step(n):
     result = train_step(engine, model, [next(batches)], config, n, all_reduce_sum, world, full_weights)
     return result.metrics["loss/total"]
 
+flattened = []  # DeepSpeed's flatten (torch.cat of many tensors) called during a step
+flatten = optimizer.flatten
+optimizer.flatten = lambda tensors: flattened.append(len(tensors)) or flatten(tensors)
 losses = [step(0)]
+flattens_in_a_step = list(flattened)
 folder = save(engine, Path(run_dir), RunState(step=1), {}, 0, keep=1)
 load(engine, folder, 0)  # DeepSpeed releases every parameter here: the next step must find them again
 losses.append(step(1))
@@ -228,6 +251,9 @@ print(json.dumps({
     "master_shares_weights": [w.data_ptr() == m.data_ptr() for w, m in
                               zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat)],
     "gradients_copied_into_partitions": _REDUCE_BUCKET in vars(optimizer),
+    "steps_on_gradient_partitions": _PREPARE_FP32_GRAD in vars(optimizer),
+    "flattens_in_a_step": flattens_in_a_step,
+    "master_gradients_released": all(m.grad is None for m in optimizer.fp32_partitioned_groups_flat),
     "losses": losses,
 }))
 """
@@ -256,6 +282,9 @@ def test_one_rank_zero3_has_no_module_hooks_no_master_copy_no_second_openmp_team
     assert probe["hooks_added"] == 1
     assert probe["master_shares_weights"] and all(probe["master_shares_weights"])
     assert probe["gradients_copied_into_partitions"]  # the pinned DeepSpeed has the reduction it replaces
+    # ... and the step that flattened the gradients: a step of the one-rank path flattens nothing
+    assert probe["steps_on_gradient_partitions"] and probe["flattens_in_a_step"] == []
+    assert probe["master_gradients_released"]
     assert probe["gloo_worker_threads"] == 2 * probe["gloo_groups"] > 0
     assert all(math.isfinite(loss) for loss in probe["losses"])
     assert probe["skipped"] and probe["untouched"]  # a non-finite gradient: DeepSpeed skipped the update
