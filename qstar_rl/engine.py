@@ -79,9 +79,11 @@ def keep_freed_memory_for_reuse(device: torch.device | None = None, environ: dic
     kernel; returns whether it did. By default glibc mmaps every block over its (adaptive, <= 32 MiB) threshold
     and trims freed heap tops, so each step faults in, zero-filled, pages that the previous step just returned:
     a (512, 49,152) fp32 log-softmax took 124 ms instead of 55, and a default SmolLM2 step ran 1.2-1.35x slower
-    on 2 cores (bench/step_cost.py measures the ratio). The price: the resident set stays at its high-water mark
-    (~18% above the live peak in that step). Nothing changes on a GPU (host allocations are rare), with another
-    C library, or where the user set one of GLIBC_MALLOC_VARIABLES (their choice wins)."""
+    on 2 cores (bench/step_cost.py measures the ratio). The price: the resident set stays at its high-water mark,
+    and the heap keeps its fragments: ~10% above what weights, optimizer state and live tensors need in that step,
+    but about twice that (15 GB) for SmolLM2 at T=1024 with activation checkpointing (README, "Step cost").
+    Nothing changes on a GPU (host allocations are rare), with another C library, or where the user set one of
+    GLIBC_MALLOC_VARIABLES (their choice wins)."""
     import ctypes
     import platform
 
@@ -521,11 +523,12 @@ def step_on_gradient_partitions(optimizer) -> bool:
     contiguous slice of its flat gradient buffer, instead of a flattened copy. DeepSpeed's step concatenates the
     list of per-parameter views of that slice into a new tensor for every sub-group: a copy of every gradient
     into a second gradient-sized allocation (SmolLM2-135M fp32: 517 MiB, and 0.84 s of `torch.cat` in a 19 s step
-    at 2 threads). The update then clips that slice in place, which nothing reads afterwards: the next backward
-    overwrites it (DeepSpeed resets its micro-step at every step, so the first micro-batch copies, not adds).
-    Returns whether it applies: not with optimizer offload (gradients live elsewhere there) or DeepSpeed versions
-    without the method or the buffer it relies on; a sub-group whose gradients are not that slice in the master's
-    dtype (a parameter without gradient gets a fresh zero tensor) takes DeepSpeed's own path."""
+    at 2 threads). With bf16 gradients the slice is cast to fp32 in one pass (DeepSpeed concatenates, then
+    casts). An fp32 update clips the slice in place, which nothing reads afterwards: the next backward overwrites
+    it (DeepSpeed resets its micro-step at every step, so the first micro-batch copies, not adds). Returns
+    whether it applies: not with optimizer offload (gradients live elsewhere there) or DeepSpeed versions without
+    the method or the buffer it relies on; a sub-group whose gradients are not that one slice (a parameter
+    without gradient gets a fresh zero tensor) takes DeepSpeed's own path."""
     buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
     if (
         not hasattr(type(optimizer), _PREPARE_FP32_GRAD)
@@ -540,10 +543,10 @@ def step_on_gradient_partitions(optimizer) -> bool:
         grads = optimizer.averaged_gradients[sub_group_id]
         master = optimizer.fp32_partitioned_groups_flat[sub_group_id]
         span = contiguous_span(buffer, grads)
-        if span is None or span.dtype != master.dtype or span.numel() != master.numel():
+        if span is None or span.numel() != master.numel():
             flatten_and_prepare(sub_group_id)
             return
-        master.grad = span
+        master.grad = span if span.dtype == master.dtype else span.to(master.dtype)  # bf16 gradients: one cast
         optimizer.averaged_gradients[sub_group_id] = None
 
     setattr(optimizer, _PREPARE_FP32_GRAD, prepare)

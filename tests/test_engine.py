@@ -288,3 +288,66 @@ def test_one_rank_zero3_has_no_module_hooks_no_master_copy_no_second_openmp_team
     assert probe["gloo_worker_threads"] == 2 * probe["gloo_groups"] > 0
     assert all(math.isfinite(loss) for loss in probe["losses"])
     assert probe["skipped"] and probe["untouched"]  # a non-finite gradient: DeepSpeed skipped the update
+
+
+GRADIENT_PROBE = """
+import json, sys
+import torch
+from qstar_rl.config import load_config
+from qstar_rl.data import WindowStream
+from qstar_rl.engine import _PREPARE_FP32_GRAD, all_reduce_sum, build_thinking_engine, init_distributed
+from qstar_rl.learner import train_step
+
+torch.set_num_threads(2)
+run_dir, dtype = sys.argv[1:]
+config = load_config("qstar_rl/configs/tiny.yaml", [f"train.run_dir={run_dir}", f"model.dtype={dtype}"])
+_, world, _ = init_distributed()
+model, tokenizer, engine, full_weights = build_thinking_engine(config, world)
+optimizer = engine.optimizer
+step_on_partitions = getattr(optimizer, _PREPARE_FP32_GRAD)
+flatten = optimizer.flatten
+flattened = []
+optimizer.flatten = lambda tensors: flattened.append(len(tensors)) or flatten(tensors)
+checks = []
+
+def checked(sub_group_id):
+    # what DeepSpeed's own step would give the master: its flattened copy of the gradients, cast to fp32
+    master = optimizer.fp32_partitioned_groups_flat[sub_group_id]
+    expected = flatten(optimizer.averaged_gradients[sub_group_id]).to(master.dtype)
+    step_on_partitions(sub_group_id)
+    checks.append({"step": step, "equal": torch.equal(master.grad, expected), "dtype": str(master.grad.dtype),
+                   "nonzero": bool(master.grad.abs().sum() > 0)})
+
+setattr(optimizer, _PREPARE_FP32_GRAD, checked)
+batches = WindowStream(config.data, tokenizer, seed=0).batches(config.train.micro_batch_size)
+for step in range(2):
+    train_step(engine, model, [next(batches)], config, step, all_reduce_sum, world, full_weights)
+print(json.dumps({"checks": checks, "flattened": flattened,
+                  "gradient_dtype": str(optimizer.grad_partitions_flat_buffer.dtype)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_rank_zero3_updates_with_the_gradients_deepspeed_would_have_flattened(dtype, tmp_path):
+    """engine.step_on_gradient_partitions at world size 1 (tiny model, two steps): every sub-group's master
+    gradient equals DeepSpeed's flattened (and, for bf16 gradients, cast) copy, in fp32, without flattening."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "-c", GRADIENT_PROBE, str(tmp_path / "run"), dtype],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["gradient_dtype"] == f"torch.{dtype}"  # DeepSpeed keeps gradients in the compute dtype
+    assert {c["step"] for c in probe["checks"]} == {0, 1}
+    assert all(c["equal"] and c["dtype"] == "torch.float32" for c in probe["checks"])
+    # not vacuous: at the second step every sub-group has gradient (at the first, one of the tiny model's
+    # sub-groups had an all-zero gradient)
+    assert all(c["nonzero"] for c in probe["checks"] if c["step"] == 1)
+    assert probe["flattened"] == []
