@@ -529,10 +529,9 @@ def step_on_gradient_partitions(optimizer) -> bool:
     whether it applies: not with optimizer offload (gradients live elsewhere there) or DeepSpeed versions without
     the method or the buffer it relies on; a sub-group whose gradients are not that one slice (a parameter
     without gradient gets a fresh zero tensor) takes DeepSpeed's own path."""
-    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
     if (
         not hasattr(type(optimizer), _PREPARE_FP32_GRAD)
-        or buffer is None
+        or getattr(optimizer, "grad_partitions_flat_buffer", None) is None
         or getattr(optimizer, "offload_optimizer", True)
         or dist.get_world_size() != 1
     ):
@@ -542,7 +541,7 @@ def step_on_gradient_partitions(optimizer) -> bool:
     def prepare(sub_group_id: int) -> None:
         grads = optimizer.averaged_gradients[sub_group_id]
         master = optimizer.fp32_partitioned_groups_flat[sub_group_id]
-        span = contiguous_span(buffer, grads)
+        span = contiguous_span(optimizer.grad_partitions_flat_buffer, grads)
         if span is None or span.numel() != master.numel():
             flatten_and_prepare(sub_group_id)
             return

@@ -191,6 +191,23 @@ def test_zero3_at_one_rank_trains_like_plain_adamw_and_the_tax_benchmark_runs(tm
     assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in rows.values())
 
 
+def run_one_rank_probe(source: str, *args: str) -> dict:
+    """Run a probe script as a fresh single process (no launcher's rank variables), from the repository root;
+    returns the JSON object its last output line prints."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "-c", source, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 ONE_RANK_PROBE = """
 import json, os, sys
 from pathlib import Path
@@ -267,18 +284,7 @@ def test_one_rank_zero3_has_no_module_hooks_no_master_copy_no_second_openmp_team
     started no OpenMP team besides the main thread's (a second one makes libgomp stop spin-waiting: see
     engine.comm_threads_single_threaded). A step with a non-finite gradient
     leaves the weights exactly as they were."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(
-        [sys.executable, "-c", ONE_RANK_PROBE, str(tmp_path / "run")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    probe = run_one_rank_probe(ONE_RANK_PROBE, str(tmp_path / "run"))
     assert probe["hooks_added"] == 1
     assert probe["master_shares_weights"] and all(probe["master_shares_weights"])
     assert probe["gradients_copied_into_partitions"]  # the pinned DeepSpeed has the reduction it replaces
@@ -332,18 +338,7 @@ print(json.dumps({"checks": checks, "flattened": flattened,
 def test_one_rank_zero3_updates_with_the_gradients_deepspeed_would_have_flattened(dtype, tmp_path):
     """engine.step_on_gradient_partitions at world size 1 (tiny model, two steps): every sub-group's master
     gradient equals DeepSpeed's flattened (and, for bf16 gradients, cast) copy, in fp32, without flattening."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(
-        [sys.executable, "-c", GRADIENT_PROBE, str(tmp_path / "run"), dtype],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    probe = run_one_rank_probe(GRADIENT_PROBE, str(tmp_path / "run"), dtype)
     assert probe["gradient_dtype"] == f"torch.{dtype}"  # DeepSpeed keeps gradients in the compute dtype
     assert {c["step"] for c in probe["checks"]} == {0, 1}
     assert all(c["equal"] and c["dtype"] == "torch.float32" for c in probe["checks"])
