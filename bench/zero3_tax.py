@@ -13,7 +13,7 @@ losses, backward, optimizer step), built from qstar_rl/configs/default.yaml with
 `model.dtype=float32` (PlainEngine has no mixed precision), at world size 1.
 
 Times: both engines live in one fresh process with the allocator settings a run uses
-(`engine.keep_freed_memory_for_reuse`) and take turns step by step, the order alternating (A B, B A, ...), on
+(`model.cpu_allocator`) and take turns step by step, the order alternating (A B, B A, ...), on
 the same windows and thoughts, so that the machine's drift over minutes (on a shared 2-core VM, +-15% between
 runs minutes apart) falls on both alike. `zero3_over_plain_time` is the median of the per-step ratios after
 the first two steps (warm-up: Adam moments, allocator growth); `step_s` each engine's median step, `worst_s` its
@@ -45,8 +45,8 @@ from qstar_rl.engine import (
     PlainEngine,
     all_reduce_sum,
     build_thinking_engine,
+    configure_cpu_allocator,
     init_distributed,
-    keep_freed_memory_for_reuse,
     resolve_dtype,
 )
 from qstar_rl.learner import train_step
@@ -64,11 +64,11 @@ WARMUP_STEPS = 2
 
 def build(kind: str, config: Config):
     """(model, tokenizer, engine, full_weights, world) for one of KINDS."""
+    configure_cpu_allocator(config.model)  # as the trainer does for its own engines
     if kind == "zero3":
         _, world, _ = init_distributed()
         model, tokenizer, engine, full_weights = build_thinking_engine(config, world)
         return model, tokenizer, engine, full_weights, world
-    keep_freed_memory_for_reuse()  # as init_distributed does for the trainer's own engines
     lm, tokenizer = load_lm(config.model.name, seed=config.train.seed)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(lm)
@@ -179,7 +179,7 @@ def compare_engines(
     overrides: Sequence[str] = (), steps: int = 5, threads: int | None = None, memory_run: bool = True
 ) -> dict:
     """ZeRO-3 against plain AdamW: the times from one fresh process where both engines take turns, with the
-    allocator settings a run uses (engine.keep_freed_memory_for_reuse; the measuring settings would turn every
+    allocator settings a run uses (model.cpu_allocator; the measuring settings would turn every
     allocation over 64 KiB into an mmap with its page faults), and each engine's peak from a fresh process of
     its own with the measuring settings. The timing process's high-water mark (both engines' weights) is not a
     per-engine figure and is not reported. Without `memory_run` (the smoke test) the peaks come from the timing

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qstar_rl.config import Config
+from qstar_rl.config import Config, ModelConfig
 from qstar_rl.loading import build_thinking_lm
 from qstar_rl.model import ThinkingLM
 
@@ -78,10 +78,11 @@ def keep_freed_memory_for_reuse(device: torch.device | None = None, environ: dic
     """On a CPU under glibc, serve tensors up to 1 GiB from the heap and never hand freed memory back to the
     kernel; returns whether it did. By default glibc mmaps every block over its (adaptive, <= 32 MiB) threshold
     and trims freed heap tops, so each step faults in, zero-filled, pages that the previous step just returned:
-    a (512, 49,152) fp32 log-softmax took 124 ms instead of 55, and a default SmolLM2 step ran 1.2-1.35x slower
+    a (512, 49,152) fp32 log-softmax took 124 ms instead of 55, and a default SmolLM2 step ran 1.2-1.9x slower
     on 2 cores (bench/step_cost.py measures the ratio). The price: the resident set stays at its high-water mark,
-    and the heap keeps its fragments: ~10% above what weights, optimizer state and live tensors need in that step,
-    but about twice that (15 GB) for SmolLM2 at T=1024 with activation checkpointing (README, "Step cost").
+    and the heap keeps its fragments: ~10% above what weights, optimizer state and live tensors need in a plain
+    step, but with activation checkpointing far more (SmolLM2 at T=1024 in fp32: 14.9 GB resident against a
+    live peak of 3.8 GB, 6.4 GB under glibc's defaults; bench/allocators.py), hence `keeps_freed_memory`.
     Nothing changes on a GPU (host allocations are rare), with another C library, or where the user set one of
     GLIBC_MALLOC_VARIABLES (their choice wins)."""
     import ctypes
@@ -96,6 +97,19 @@ def keep_freed_memory_for_reuse(device: torch.device | None = None, environ: dic
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def keeps_freed_memory(model: ModelConfig) -> bool:
+    """model.cpu_allocator made concrete: 'auto' keeps freed memory unless activation checkpointing is on."""
+    if model.cpu_allocator == "auto":
+        return not model.gradient_checkpointing
+    return model.cpu_allocator == "reuse"
+
+
+def configure_cpu_allocator(model: ModelConfig, device: torch.device | None = None) -> bool:
+    """Apply model.cpu_allocator in this process (call it before the model is built); returns whether freed
+    memory is now kept for reuse (see `keep_freed_memory_for_reuse`)."""
+    return keeps_freed_memory(model) and keep_freed_memory_for_reuse(device)
 
 
 def compute_device() -> torch.device:
@@ -157,7 +171,6 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     import deepspeed
 
     use_this_environments_ninja()  # deepspeed.init_distributed checks (and may build) its shm op
-    keep_freed_memory_for_reuse()
     if "RANK" not in os.environ:  # a plain single process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

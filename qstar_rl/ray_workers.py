@@ -22,9 +22,9 @@ from qstar_rl.config import Config, config_to_dict
 from qstar_rl.engine import (
     all_reduce_sum,
     build_thinking_engine,
+    configure_cpu_allocator,
     free_port,
     init_distributed,
-    keep_freed_memory_for_reuse,
     partition_report,
     with_resolved_dtype,
 )
@@ -71,6 +71,7 @@ class LearnerWorker:
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
         )
+        configure_cpu_allocator(self.config.model)
         init_distributed(self.config.train.step_timeout_s)
         # model.dtype 'auto' is decided by this actor's device, not the driver's (which may be a CPU head node).
         self.config = with_resolved_dtype(self.config)
@@ -163,7 +164,7 @@ class RolloutWorker:
 
     def setup(self) -> None:
         """Load the model in the compute dtype that model.dtype resolves to on this actor's device."""
-        keep_freed_memory_for_reuse()
+        configure_cpu_allocator(self.config.model)
         self.config = with_resolved_dtype(self.config)
         dtype = torch.bfloat16 if self.config.model.dtype == "bfloat16" else torch.float32
         model, _ = build_thinking_lm(self.config.model.name, self.config.thought, self.config.train.seed)

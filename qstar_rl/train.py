@@ -29,6 +29,7 @@ from qstar_rl.engine import (
     all_reduce_sum,
     broadcast_from_rank0,
     build_thinking_engine,
+    configure_cpu_allocator,
     finish_distributed,
     init_distributed,
     is_collective_timeout,
@@ -124,6 +125,7 @@ def start_plan(
 def train(config: Config, resume: bool = True, allow_config_change: bool = False) -> Path:
     """Run (or resume) training; returns the run directory. Raises RunDirError (bad run directory or refused
     config change), CheckpointWriteError (disk full), RankTimeout (a rank stopped answering)."""
+    keeps_freed_memory = configure_cpu_allocator(config.model)  # before anything large is allocated
     rank, world, local_rank = init_distributed(config.train.step_timeout_s)
     config = with_resolved_dtype(config)  # 'auto' -> this rank's device decides; config.yaml records the outcome
     run_dir = Path(config.train.run_dir)
@@ -175,6 +177,8 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
         config.thought.length,
         config.thought.talk_length,
     )
+    if device.type == "cpu":
+        log.info("CPU allocator: %s", "freed memory kept for reuse" if keeps_freed_memory else "glibc's own settings")
 
     while state.step < config.train.steps:
         try:  # every collective of the step, its evaluation and its checkpoint waits at most train.step_timeout_s

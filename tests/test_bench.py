@@ -39,6 +39,21 @@ def test_ray_steps_benchmark_quick(tmp_path):
     assert "Ray step relative to the colocated steps" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator and /proc")
+def test_allocators_benchmark_quick(tmp_path):
+    """Every variant runs a measured step (jemalloc preloaded from Ray's wheel); 'glibc' hands big blocks back,
+    so after a step its heap holds far less free memory than 'reuse', which keeps everything."""
+    proc, result = run_quick("allocators.py", tmp_path)
+    variants = result["variants"]
+    assert list(variants) == ["reuse", "glibc", "mmap4", "jemalloc"]
+    for variant in variants.values():
+        assert [row["step"] for row in variant["rows"]] == ["built", 1, 2]
+        assert all(row["seconds"] > 0 and row["VmHWM"] >= row["VmRSS"] > 0 for row in variant["rows"][1:])
+    assert variants["jemalloc"]["rows"][-1]["heap"] == 0  # glibc's heap unused: jemalloc served everything
+    assert "peak resident MiB" in proc.stdout
+
+
 def test_median_interval_is_the_order_statistics_that_cover_the_median_with_95_percent():
     # n=16: P(Binomial(16, 1/2) <= 3) = 697/65536 = 0.011 <= 0.025 < P(<= 4) = 0.038, so the 4th smallest and
     # the 4th largest of the values (here shuffled)

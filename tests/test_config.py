@@ -76,12 +76,20 @@ def test_all_semantic_problems_at_once(tmp_path):
     assert any("train_micro_batch_size_per_gpu=4" in p for p in problems)
 
 
-def test_model_dtype_is_auto_by_default_and_a_bad_one_is_a_listed_problem():
-    assert load_config(None).model.dtype == "auto"
-    for dtype in ("auto", "float32", "bfloat16"):
-        assert run_problems(load_config(None, [f"model.dtype={dtype}"])) == []
-    problems = run_problems(load_config(None, ["model.dtype=fp16", "train.steps=0"]))
-    assert "model.dtype: must be one of auto, float32, bfloat16, got 'fp16'" in problems
+@pytest.mark.parametrize(
+    "key,choices,bad",
+    [
+        ("model.dtype", ("auto", "float32", "bfloat16"), "fp16"),
+        ("model.cpu_allocator", ("auto", "reuse", "glibc"), "tcmalloc"),
+    ],
+)
+def test_a_choice_key_is_auto_by_default_and_a_bad_value_is_a_listed_problem(key, choices, bad):
+    section, field = key.split(".")
+    assert getattr(getattr(load_config(None), section), field) == "auto"
+    for choice in choices:
+        assert run_problems(load_config(None, [f"{key}={choice}"])) == []
+    problems = run_problems(load_config(None, [f"{key}={bad}", "train.steps=0"]))
+    assert f"{key}: must be one of {', '.join(choices)}, got {bad!r}" in problems
     assert any(p.startswith("train.steps") for p in problems)  # listed with the others, not alone
 
 

@@ -109,6 +109,7 @@ def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
         assert abs(row["thought/logprob_gap"]) < 1e-4  # rollout and learner agree on the same weights
     assert "ZeRO-3: rank 0 holds" in (tiny_run / "train.log").read_text()
     assert "activation checkpointing on" in (tiny_run / "train.log").read_text()
+    assert "CPU allocator: glibc's own settings" in (tiny_run / "train.log").read_text()  # auto, with checkpointing
     run_files = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, "wandb ran offline inside the run directory"
     logged = [r for r in history(run_files[0]) if "reward/mean" in r]
