@@ -20,14 +20,13 @@ import argparse
 import ctypes
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, print_table, write_results
+from common import RESULTS, print_table, run_point, write_results
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
@@ -41,11 +40,13 @@ M_MMAP_THRESHOLD = -3  # malloc.h
 VARIANTS = ("reuse", "glibc", "mmap4", "jemalloc")
 
 
-MALLINFO2_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-
-
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (*MALLINFO2_FIELDS, "keepcost")]
+    """glibc's `struct mallinfo2` (malloc.h): ten size_t counters."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 
 
 def memory_mib() -> dict[str, int]:
@@ -60,14 +61,14 @@ def memory_mib() -> dict[str, int]:
 
 
 def variant_env(variant: str) -> dict[str, str]:
-    """The environment a variant's process starts with (on top of this one's, glibc's variables removed)."""
-    env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_VARIABLES}
-    if variant == "jemalloc":
-        import ray
+    """What a variant's process gets on top of this one's environment (which must set none of glibc's
+    allocator variables: the variants set the allocator themselves)."""
+    if variant != "jemalloc":
+        return {}
+    import ray
 
-        env["LD_PRELOAD"] = str(Path(ray.__file__).parent / "core" / "libjemalloc.so")
-        env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-    return env
+    jemalloc = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    return {"LD_PRELOAD": str(jemalloc), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 
 
 def run_variant(spec: dict) -> list[dict]:
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "allocators.json"))
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every variant (e.g. model.dtype=float32)")
     args = parser.parse_args()
+    if not args.point and (already := [name for name in GLIBC_MALLOC_VARIABLES if name in os.environ]):
+        parser.error(f"unset {', '.join(already)}: each variant sets glibc's allocator itself")
     if args.point:
         print(json.dumps(run_variant(json.loads(args.point))))
         return
@@ -120,11 +123,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         spec = {"variant": variant, "steps": args.steps, "threads": args.threads}
         spec["overrides"] = [*(QUICK if args.quick else SHAPE), *args.overrides]
-        cmd = [sys.executable, __file__, "--point", json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=variant_env(variant), cwd=ROOT, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = run_point(__file__, spec, variant_env(variant), measuring=False)
         results[variant] = {"rows": rows, "peak_resident_mib": max(row["VmHWM"] for row in rows)}
     table = [
         {
