@@ -5,14 +5,15 @@
     python bench/allocators.py --quick              # tiny model, T=64 (smoke test)
 
 Each variant runs in a fresh process with the default config at T=1024 and activation checkpointing (what
-`model.cpu_allocator: auto` switches on): build the ZeRO-3 engine, then `--steps` steps as the trainer runs them
+a long window needs): build the ZeRO-3 engine, then `--steps` steps as the trainer runs them
 (bench/step_cost.run_step), each timed, with the process's resident set (VmRSS) and its high-water mark (VmHWM)
 after every phase, and glibc's own accounting (mallinfo2: heap size, bytes in use and free in it, bytes in
 mmapped blocks; zeros under jemalloc) after every step. Variants:
 - reuse: `engine.keep_freed_memory_for_reuse` (model.cpu_allocator 'reuse');
-- glibc: glibc's defaults (model.cpu_allocator 'glibc', and 'auto' with checkpointing);
+- glibc: glibc's defaults (model.cpu_allocator 'glibc');
 - mmap4: glibc's defaults but a fixed mmap threshold of 4 MiB (every block from 4 MiB up returned at free);
-- jemalloc: Ray's bundled libjemalloc preloaded, purging off (dirty/muzzy decay -1).
+- jemalloc: Ray's bundled libjemalloc preloaded, purging off (model.cpu_allocator 'jemalloc', and 'auto' with
+  checkpointing where Ray ships it).
 Writes bench/results/allocators.json: per variant, the per-step rows and the peak resident MiB.
 """
 
@@ -28,9 +29,15 @@ from pathlib import Path
 import torch
 from common import RESULTS, print_table, run_point, write_results
 
-from qstar_rl.config import load_config
+from qstar_rl.config import ModelConfig, load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.engine import GLIBC_MALLOC_VARIABLES, build_thinking_engine, init_distributed, keep_freed_memory_for_reuse
+from qstar_rl.engine import (
+    GLIBC_MALLOC_VARIABLES,
+    build_thinking_engine,
+    cpu_allocator_environment,
+    init_distributed,
+    keep_freed_memory_for_reuse,
+)
 
 ROOT = Path(__file__).parents[1]
 DEFAULT = ROOT / "qstar_rl" / "configs" / "default.yaml"
@@ -65,10 +72,10 @@ def variant_env(variant: str) -> dict[str, str]:
     allocator variables: the variants set the allocator themselves)."""
     if variant != "jemalloc":
         return {}
-    import ray
-
-    jemalloc = Path(ray.__file__).parent / "core" / "libjemalloc.so"
-    return {"LD_PRELOAD": str(jemalloc), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    environment = cpu_allocator_environment(ModelConfig(cpu_allocator="jemalloc"), on_gpu=False, environ={})
+    if not environment:
+        raise SystemExit("no jemalloc here (Ray's Linux wheels ship one): leave out the jemalloc variant")
+    return environment
 
 
 def run_variant(spec: dict) -> list[dict]:

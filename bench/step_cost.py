@@ -15,8 +15,9 @@ Then the same step again under a dispatch mode that counts FLOPs with torch.util
 the LM head, weighted by the FLOPs each takes per token), measured in the same process and thread count, before
 the warm-up step and after the last step, the higher of the two (on a shared VM it moved 48-66 GFLOP/s);
 `frac_of_gemm_limit` = (FLOPs / GEMM rate) / measured time. Times come from a process with the allocator a run uses
-(`model.cpu_allocator`: at T=1024, with activation checkpointing, glibc's defaults), the fastest of `--repeats` timed
-steps. Peak RSS is the resident-set high-water mark of a measured step above the level right before it
+(`model.cpu_allocator`: at T=1024, with activation checkpointing, jemalloc: the point restarts itself with it as the
+trainer does), the fastest of `--repeats` timed steps. Peak RSS is the resident-set high-water mark of a measured
+step above the level right before it
 (/proc/self/clear_refs), from a second process with bench/common.py's measuring allocator (freed memory leaves at once:
 the peak of live tensors); `resident_mib` is the timing process's whole resident set at its highest during the timed
 steps. On GPU: the allocator's peak. For the default shape a third process runs with glibc's default allocator
@@ -44,7 +45,7 @@ from zero3_tax import compare_engines
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.engine import build_thinking_engine, configure_cpu_allocator, init_distributed
+from qstar_rl.engine import build_thinking_engine, configure_cpu_allocator, init_distributed, restart_with_cpu_allocator
 from qstar_rl.flops import PhaseFlops
 from qstar_rl.learner import thinking_loss
 from qstar_rl.rollout import rollout
@@ -129,6 +130,7 @@ def step_point(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory(prefix="qbench") as tmp:
         config = load_config(DEFAULT, [*spec["overrides"], f"train.run_dir={tmp}", "train.steps=100"])
+        restart_with_cpu_allocator(config.model)  # jemalloc where the trainer would have it
         configure_cpu_allocator(config.model)  # as the trainer does
         _, world, local_rank = init_distributed()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

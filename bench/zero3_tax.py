@@ -48,6 +48,7 @@ from qstar_rl.engine import (
     configure_cpu_allocator,
     init_distributed,
     resolve_dtype,
+    restart_with_cpu_allocator,
 )
 from qstar_rl.learner import train_step
 from qstar_rl.loading import load_lm
@@ -64,6 +65,7 @@ WARMUP_STEPS = 2
 
 def build(kind: str, config: Config):
     """(model, tokenizer, engine, full_weights, world) for one of KINDS."""
+    restart_with_cpu_allocator(config.model)  # jemalloc where the trainer would have it
     configure_cpu_allocator(config.model)  # as the trainer does for its own engines
     if kind == "zero3":
         _, world, _ = init_distributed()

@@ -15,6 +15,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {name:10} {help_}" for name, (_, help_) in COMMANDS.items())
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    if from_command_line:
+        # The command then reads its arguments from the command line, as under `python -m qstar_rl.<name>`, and
+        # knows it may restart its process with that command line (`qstar-rl train` does, for its allocator).
+        sys.argv = [f"qstar-rl {argv[0]}", *argv[1:]]
+        return module.main()
     return module.main(argv[1:])
 
 

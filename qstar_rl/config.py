@@ -60,8 +60,8 @@ LOSS_OBJECTIVES = ("quiet_star", "nll")
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16")
 """Values of model.dtype; 'auto' is resolved by `engine.resolve_dtype` where the model computes."""
-CPU_ALLOCATORS = ("auto", "reuse", "glibc")
-"""Values of model.cpu_allocator; 'auto' is resolved by `engine.keeps_freed_memory`."""
+CPU_ALLOCATORS = ("auto", "reuse", "glibc", "jemalloc")
+"""Values of model.cpu_allocator; 'auto' is resolved by `engine.resolve_cpu_allocator`."""
 
 
 @dataclass
@@ -79,12 +79,12 @@ class ModelConfig:
     """Recompute every decoder layer in backward (SmolLM2-135M, T=256: 0.32x/0.54x the peak in fp32/bf16 for
     1.16x/1.26x the time)."""
     cpu_allocator: str = "auto"
-    """CPU processes under glibc: 'reuse' keeps freed tensor memory in the process for the next allocation
-    (steps 1.2-1.9x faster; the resident set stays at its high-water mark, fragments included), 'glibc' leaves
-    glibc's defaults (freed large blocks go back to the kernel at once); 'auto' is 'glibc' when
-    gradient_checkpointing is on (SmolLM2 at T=1024: fp32 6.4 vs 14.9 GB resident for 1.9x the step time, bf16
-    10.0 vs 13.0 GB at the same speed; bench/allocators.py) and 'reuse' otherwise. No effect on GPUs or where a
-    MALLOC_* variable or GLIBC_TUNABLES is set."""
+    """CPU processes: 'reuse' has glibc keep freed tensor memory for the next allocation (steps 1.2-1.9x faster;
+    the resident set stays at its high-water mark, fragments included), 'glibc' leaves glibc's defaults (freed
+    large blocks go back to the kernel at once), 'jemalloc' preloads the jemalloc that Ray ships, purging off
+    (the trainer restarts itself with it; Ray actors start with it). 'auto' is 'reuse', but 'jemalloc' with
+    gradient_checkpointing (SmolLM2 at T=1024 bf16: 6.7 vs 13.0 GB resident at reuse's speed; bench/allocators.py)
+    and 'glibc' on GPUs or where LD_PRELOAD, a MALLOC_* variable or GLIBC_TUNABLES is set."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -82,7 +82,7 @@ def keep_freed_memory_for_reuse(device: torch.device | None = None, environ: dic
     on 2 cores (bench/step_cost.py measures the ratio). The price: the resident set stays at its high-water mark,
     and the heap keeps its fragments: ~10% above what weights, optimizer state and live tensors need in a plain
     step, but with activation checkpointing far more (SmolLM2 at T=1024 in fp32: 14.9 GB resident against a
-    live peak of 3.8 GB, 6.4 GB under glibc's defaults; bench/allocators.py), hence `keeps_freed_memory`.
+    live peak of 3.8 GB, 6.4 GB under glibc's defaults; bench/allocators.py), hence `resolve_cpu_allocator`.
     Nothing changes on a GPU (host allocations are rare), with another C library, or where the user set one of
     GLIBC_MALLOC_VARIABLES (their choice wins)."""
     import ctypes
@@ -99,17 +99,89 @@ def keep_freed_memory_for_reuse(device: torch.device | None = None, environ: dic
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def keeps_freed_memory(model: ModelConfig) -> bool:
-    """model.cpu_allocator made concrete: 'auto' keeps freed memory unless activation checkpointing is on."""
-    if model.cpu_allocator == "auto":
-        return not model.gradient_checkpointing
-    return model.cpu_allocator == "reuse"
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+"""jemalloc keeps freed pages for reuse (no purging), as 'reuse' does under glibc, yet under activation
+checkpointing it held about half of what glibc's kept heap did (bench/allocators.py)."""
 
 
-def configure_cpu_allocator(model: ModelConfig, device: torch.device | None = None) -> bool:
-    """Apply model.cpu_allocator in this process (call it before the model is built); returns whether freed
-    memory is now kept for reuse (see `keep_freed_memory_for_reuse`)."""
-    return keeps_freed_memory(model) and keep_freed_memory_for_reuse(device)
+def jemalloc_library() -> Path | None:
+    """The jemalloc that Ray's Linux wheels ship (ray/core/libjemalloc.so), or None where there is none."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if sys.platform != "linux" or spec is None or spec.origin is None:
+        return None
+    library = Path(spec.origin).parent / "core" / "libjemalloc.so"
+    return library if library.is_file() else None
+
+
+def jemalloc_loaded() -> bool:
+    """Whether jemalloc serves this process's allocations (it was preloaded at start)."""
+    maps = Path("/proc/self/maps")
+    return maps.is_file() and "libjemalloc" in maps.read_text()
+
+
+def resolve_cpu_allocator(model: ModelConfig, on_gpu: bool, environ: Mapping[str, str] | None = None) -> str:
+    """model.cpu_allocator made concrete: 'reuse', 'glibc' or 'jemalloc'. 'auto' is 'reuse' (fastest), except
+    with activation checkpointing, where glibc's kept heap fragments (SmolLM2 at T=1024: 13.0 GB resident in
+    bf16, 14.9 in fp32) and where jemalloc holds ~half that at reuse's speed (bench/allocators.py): 'jemalloc'
+    where Ray ships it, else 'glibc'. On a GPU (few host allocations) or where the user set LD_PRELOAD or one of
+    GLIBC_MALLOC_VARIABLES (their choice wins; a preloaded jemalloc is ours), 'auto' is 'glibc': nothing changes."""
+    environ = os.environ if environ is None else environ
+    if model.cpu_allocator != "auto":
+        return model.cpu_allocator
+    preloads = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    users_own = any("libjemalloc" not in preload for preload in preloads)
+    if on_gpu or users_own or any(name in environ for name in GLIBC_MALLOC_VARIABLES):
+        return "glibc"
+    if not model.gradient_checkpointing:
+        return "reuse"
+    return "jemalloc" if jemalloc_library() is not None else "glibc"
+
+
+def cpu_allocator_environment(model: ModelConfig, on_gpu: bool, environ: Mapping[str, str] | None = None) -> dict:
+    """The variables a process must start with for model.cpu_allocator (jemalloc is preloaded: a running process
+    cannot switch to it): LD_PRELOAD (ours first) and MALLOC_CONF (unless the user set one); {} when nothing is
+    needed, jemalloc is missing, or `environ` already preloads it."""
+    environ = os.environ if environ is None else environ
+    library = jemalloc_library()
+    if resolve_cpu_allocator(model, on_gpu, environ) != "jemalloc" or library is None:
+        return {}
+    preloaded = environ.get("LD_PRELOAD", "")
+    if str(library) in preloaded.replace(":", " ").split():
+        return {}
+    return {"LD_PRELOAD": f"{library} {preloaded}".strip(), "MALLOC_CONF": environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+
+
+def restart_with_cpu_allocator(model: ModelConfig) -> None:
+    """Where model.cpu_allocator needs jemalloc and this process does not have it, replace this process (same
+    pid, same command line, so launchers keep tracking it) with one that preloads it; otherwise return. Only for
+    a process started from the command line: anything already done in this process is lost."""
+    environment = cpu_allocator_environment(model, on_gpu=torch.cuda.is_available())
+    if environment and not jemalloc_loaded():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **environment})
+
+
+def configure_cpu_allocator(model: ModelConfig, device: torch.device | None = None) -> str:
+    """Apply model.cpu_allocator in this process (call it before the model is built); returns the allocator in
+    effect: 'jemalloc' (preloaded, see `restart_with_cpu_allocator`), 'reuse' (glibc keeping freed memory, see
+    `keep_freed_memory_for_reuse`) or 'glibc' (its own settings)."""
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if jemalloc_loaded():
+        return "jemalloc"
+    if resolve_cpu_allocator(model, on_gpu) == "reuse" and keep_freed_memory_for_reuse(device):
+        return "reuse"
+    return "glibc"
+
+
+CPU_ALLOCATOR_DESCRIPTIONS = {
+    "jemalloc": "jemalloc, freed memory kept for reuse",
+    "reuse": "glibc, freed memory kept for reuse",
+    "glibc": "glibc's own settings",
+}
+"""How the trainer's log names the allocator that `configure_cpu_allocator` reports."""
 
 
 def compute_device() -> torch.device:

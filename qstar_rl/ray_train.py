@@ -44,6 +44,7 @@ from qstar_rl.config import (
     validate_cluster,
 )
 from qstar_rl.data import DataError, DataPosition, DataStats, WindowStream, check_source
+from qstar_rl.engine import CPU_ALLOCATOR_DESCRIPTIONS, cpu_allocator_environment
 from qstar_rl.eval import eval_due
 from qstar_rl.learner import StepResult, step_timings, throughput
 from qstar_rl.loading import load_tokenizer
@@ -241,11 +242,13 @@ class ActorGroup:
 
         def options(index: int, cpus: float, gpus: float) -> dict:
             strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index)
+            # jemalloc, where model.cpu_allocator wants it, must be there when the actor's process starts
+            allocator_env = cpu_allocator_environment(config.model, on_gpu=gpus > 0)
             return {
                 "num_cpus": cpus,
                 "num_gpus": gpus,
                 "scheduling_strategy": strategy,
-                "runtime_env": {"env_vars": env},
+                "runtime_env": {"env_vars": {**env, **allocator_env}},
                 "max_restarts": 0,  # restarts are the driver's: all actors together, from a checkpoint
             }
 
@@ -289,6 +292,8 @@ class ActorGroup:
         steps = self.on_learners("setup", master_addr, master_port, folder, other_world_size, timeout=startup)
         rank0_dtype = Named("learner-0", self.learners[0].model_dtype.remote())
         self.model_dtype: str = wait_all([rank0_dtype], startup, "model_dtype")[0]  # model.dtype as resolved there
+        rank0_allocator = Named("learner-0", self.learners[0].allocator.remote())
+        self.allocator: str = wait_all([rank0_allocator], startup, "allocator")[0]  # the CPU allocator there
         wait_all(pending_rollouts, startup, "setup")
         if len(set(steps)) != 1:
             raise ActorFailure(f"learners resumed at different steps {steps}")
@@ -469,10 +474,11 @@ def run_attempt(config: Config, latest: Path | None, written_by: int | None, res
         if group.rollouts:
             wait_all(group.push_weights(step), config.train.step_timeout_s, "load_weights")
         log.info(
-            "ray-train %s (%s): %d learners, %s, started in %.1f s%s",
+            "ray-train %s (%s): %d learners (CPU allocator: %s), %s, started in %.1f s%s",
             config.model.name,
             config.model.dtype,
             cluster.learners,
+            CPU_ALLOCATOR_DESCRIPTIONS[group.allocator],
             "colocated rollout" if cluster.colocate else f"{len(group.rollouts)} rollout workers",
             time.perf_counter() - start,
             f", resumed from {latest}" if latest else "",

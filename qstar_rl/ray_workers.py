@@ -71,7 +71,7 @@ class LearnerWorker:
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
         )
-        configure_cpu_allocator(self.config.model)
+        self.cpu_allocator = configure_cpu_allocator(self.config.model)  # preloaded at start: see ray_train
         init_distributed(self.config.train.step_timeout_s)
         # model.dtype 'auto' is decided by this actor's device, not the driver's (which may be a CPU head node).
         self.config = with_resolved_dtype(self.config)
@@ -91,6 +91,10 @@ class LearnerWorker:
     def model_dtype(self) -> str:
         """The compute dtype this rank resolved model.dtype to in `setup` (the driver records rank 0's)."""
         return self.config.model.dtype
+
+    def allocator(self) -> str:
+        """The CPU allocator in effect in this actor since `setup` (engine.configure_cpu_allocator)."""
+        return self.cpu_allocator
 
     def learn(self, thought_refs: list[ray.ObjectRef], policy_version: int) -> StepResult:
         """One optimizer step on this rank's micro-batches, sampled by the rollout actors."""

@@ -26,6 +26,7 @@ from qstar_rl.checks import run_problems
 from qstar_rl.config import Config, ConfigError, config_to_dict, load_config_and_problems
 from qstar_rl.data import HELDOUT_OF, DataError, WindowStream, check_source
 from qstar_rl.engine import (
+    CPU_ALLOCATOR_DESCRIPTIONS,
     all_reduce_sum,
     broadcast_from_rank0,
     build_thinking_engine,
@@ -35,6 +36,8 @@ from qstar_rl.engine import (
     is_collective_timeout,
     partition_report,
     peer_disconnected,
+    resolve_cpu_allocator,
+    restart_with_cpu_allocator,
     with_resolved_dtype,
 )
 from qstar_rl.eval import eval_due, periodic_eval
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    if argv is None:  # a process of its own (the command line, a launcher's rank): it may start over
+        restart_with_cpu_allocator(config.model)
     try:
         train(config, resume=args.resume == "auto", allow_config_change=args.allow_config_change)
     except (RunDirError, DataError, checkpoint.CheckpointReadError) as err:
@@ -125,7 +130,7 @@ def start_plan(
 def train(config: Config, resume: bool = True, allow_config_change: bool = False) -> Path:
     """Run (or resume) training; returns the run directory. Raises RunDirError (bad run directory or refused
     config change), CheckpointWriteError (disk full), RankTimeout (a rank stopped answering)."""
-    keeps_freed_memory = configure_cpu_allocator(config.model)  # before anything large is allocated
+    allocator = configure_cpu_allocator(config.model)  # before anything large is allocated
     rank, world, local_rank = init_distributed(config.train.step_timeout_s)
     config = with_resolved_dtype(config)  # 'auto' -> this rank's device decides; config.yaml records the outcome
     run_dir = Path(config.train.run_dir)
@@ -178,7 +183,12 @@ def train(config: Config, resume: bool = True, allow_config_change: bool = False
         config.thought.talk_length,
     )
     if device.type == "cpu":
-        log.info("CPU allocator: %s", "freed memory kept for reuse" if keeps_freed_memory else "glibc's own settings")
+        log.info("CPU allocator: %s", CPU_ALLOCATOR_DESCRIPTIONS[allocator])
+        if allocator != "jemalloc" and resolve_cpu_allocator(config.model, on_gpu=False) == "jemalloc":
+            log.warning(
+                "model.cpu_allocator asks for jemalloc, which only a fresh process can preload: start "
+                "training with `qstar-rl train` or `python -m qstar_rl.train` to have it"
+            )
 
     while state.step < config.train.steps:
         try:  # every collective of the step, its evaluation and its checkpoint waits at most train.step_timeout_s

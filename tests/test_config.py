@@ -80,7 +80,7 @@ def test_all_semantic_problems_at_once(tmp_path):
     "key,choices,bad",
     [
         ("model.dtype", ("auto", "float32", "bfloat16"), "fp16"),
-        ("model.cpu_allocator", ("auto", "reuse", "glibc"), "tcmalloc"),
+        ("model.cpu_allocator", ("auto", "reuse", "glibc", "jemalloc"), "tcmalloc"),
     ],
 )
 def test_a_choice_key_is_auto_by_default_and_a_bad_value_is_a_listed_problem(key, choices, bad):

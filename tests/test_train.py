@@ -109,7 +109,8 @@ def test_tiny_run_logs_every_metric_to_jsonl_and_wandb(tiny_run):
         assert abs(row["thought/logprob_gap"]) < 1e-4  # rollout and learner agree on the same weights
     assert "ZeRO-3: rank 0 holds" in (tiny_run / "train.log").read_text()
     assert "activation checkpointing on" in (tiny_run / "train.log").read_text()
-    assert "CPU allocator: glibc's own settings" in (tiny_run / "train.log").read_text()  # auto, with checkpointing
+    # 'auto' with checkpointing: `python -m qstar_rl.train` started over with jemalloc preloaded
+    assert "CPU allocator: jemalloc, freed memory kept for reuse" in (tiny_run / "train.log").read_text()
     run_files = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, "wandb ran offline inside the run directory"
     logged = [r for r in history(run_files[0]) if "reward/mean" in r]
@@ -148,6 +149,7 @@ def test_two_zero3_ranks_with_activation_checkpointing_match_one_rank_without(on
     two = tmp_path / "two"
     proc = train(two, *overrides, "model.gradient_checkpointing=true", ranks=2)  # 2 ranks, 1 micro-batch each
     assert "activation checkpointing on" in (two / "train.log").read_text()
+    assert "CPU allocator: jemalloc" in (two / "train.log").read_text(), "launched ranks restart with jemalloc too"
     assert "ZeRO-3: rank 0 holds" in (two / "train.log").read_text()
     held = next(line for line in (two / "train.log").read_text().splitlines() if "holds" in line)
     assert "(50.0%)" in held or "(49." in held or "(50." in held, held  # parameters really partitioned
