@@ -253,6 +253,7 @@ def test_a_rank_whose_launcher_died_stops_when_it_checks(tmp_path):
             time.sleep(0.05)
         rank = int((tmp_path / "ready").read_text())
         launcher.kill()
+        launcher.wait()  # SIGKILL takes effect asynchronously: the rank must not check before the launcher is gone
         (tmp_path / "go").touch()
         while rundir._process(rank) is not None and time.monotonic() < deadline:  # None: gone or a zombie
             time.sleep(0.05)
