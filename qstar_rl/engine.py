@@ -82,9 +82,9 @@ def keep_freed_memory_for_reuse(device: torch.device | None = None, environ: dic
     on 2 cores (bench/step_cost.py measures the ratio). The price: the resident set stays at its high-water mark,
     and the heap keeps its fragments: ~10% above what weights, optimizer state and live tensors need in a plain
     step, but with activation checkpointing far more (SmolLM2 at T=1024 in fp32: 14.9 GB resident against a
-    live peak of 3.8 GB, 6.4 GB under glibc's defaults; bench/allocators.py), hence `resolve_cpu_allocator`.
-    Nothing changes on a GPU (host allocations are rare), with another C library, or where the user set one of
-    GLIBC_MALLOC_VARIABLES (their choice wins)."""
+    live peak of 3.8 GB; 6.4 and 13.9 GB in two runs under glibc's defaults; bench/allocators.py), hence
+    `resolve_cpu_allocator`. Nothing changes on a GPU (host allocations are rare), with another C library, or
+    where the user set one of GLIBC_MALLOC_VARIABLES (their choice wins)."""
     import ctypes
     import platform
 
