@@ -20,16 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
+from common import RESULTS, peak, print_table, reset_peak, run_point, use_the_trainers_cpu_allocator, write_results
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
 from qstar_rl.engine import (
     all_reduce_sum,
     build_thinking_engine,
-    configure_cpu_allocator,
     init_distributed,
-    restart_with_cpu_allocator,
 )
 from qstar_rl.learner import learn_step
 from qstar_rl.rollout import rollout
@@ -51,8 +49,7 @@ def step_point(spec: dict) -> dict:
             "train.steps=10",
         ]
         config = load_config(DEFAULT, overrides)
-        restart_with_cpu_allocator(config.model)  # jemalloc where the trainer would have it
-        configure_cpu_allocator(config.model)  # as the trainer does
+        use_the_trainers_cpu_allocator(config.model)
         _, world, local_rank = init_distributed()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         model, tokenizer, engine, full_weights = build_thinking_engine(config, world)

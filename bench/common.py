@@ -10,11 +10,23 @@ from pathlib import Path
 
 import torch
 
+from qstar_rl.config import ModelConfig
+
 RESULTS = Path(__file__).parent / "results"
 
 MEASURING_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "PYTHONWARNINGS": "ignore"}
 """Large blocks mmapped and one arena: freed tensors leave the resident set at once, so the peak resident set
 size follows the peak of live tensors."""
+
+
+def use_the_trainers_cpu_allocator(model: ModelConfig) -> None:
+    """What `qstar-rl train` does with model.cpu_allocator before it builds a model: restart
+    this process under jemalloc where that is wanted (a --point process restarts with its own command line),
+    then apply the rest (engine.configure_cpu_allocator)."""
+    from qstar_rl.engine import configure_cpu_allocator, restart_with_cpu_allocator
+
+    restart_with_cpu_allocator(model)
+    configure_cpu_allocator(model)
 
 
 def rss_kib(field: str) -> int:

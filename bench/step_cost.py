@@ -17,12 +17,12 @@ the warm-up step and after the last step, the higher of the two (on a shared VM 
 `frac_of_gemm_limit` = (FLOPs / GEMM rate) / measured time. Times come from a process with the allocator a run uses
 (`model.cpu_allocator`: at T=1024, with activation checkpointing, jemalloc: the point restarts itself with it as the
 trainer does), the fastest of `--repeats` timed steps. Peak RSS is the resident-set high-water mark of a measured
-step above the level right before it
-(/proc/self/clear_refs), from a second process with bench/common.py's measuring allocator (freed memory leaves at once:
-the peak of live tensors); `resident_mib` is the timing process's whole resident set at its highest during the timed
-steps. On GPU: the allocator's peak. For the default shape a third process runs with glibc's default allocator
-(MALLOC_TRIM_THRESHOLD_ set, so the trainer leaves it alone): `freed_memory_reuse_speedup` is its step time over the
-run's, and `glibc_default_resident_mib` its resident set at most.
+step above the level right before it (/proc/self/clear_refs), from a second process with bench/common.py's measuring
+allocator (freed memory leaves at once: the peak of live tensors); `resident_mib` is the timing process's whole
+resident set at its highest during the timed steps. On GPU: the allocator's peak. For the default shape a third
+process runs with glibc's default allocator (MALLOC_TRIM_THRESHOLD_ set, so the trainer leaves it alone):
+`freed_memory_reuse_speedup` is its step time over the run's, and `glibc_default_resident_mib` its resident set at
+most.
 ZeRO-3 against a plain torch AdamW at world size 1 comes from bench/zero3_tax.py (same model and data).
 
 Writes bench/results/step_cost.json with top-level keys default_dtype, frac_of_gemm_limit (full step of the
@@ -38,14 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS, peak, print_table, reset_peak, run_point, write_results
+from common import RESULTS, peak, print_table, reset_peak, run_point, use_the_trainers_cpu_allocator, write_results
 from zero3_tax import QUICK as TAX_QUICK
 from zero3_tax import STEP as TAX_STEP
 from zero3_tax import compare_engines
 
 from qstar_rl.config import load_config
 from qstar_rl.data import WindowStream
-from qstar_rl.engine import build_thinking_engine, configure_cpu_allocator, init_distributed, restart_with_cpu_allocator
+from qstar_rl.engine import build_thinking_engine, init_distributed
 from qstar_rl.flops import PhaseFlops
 from qstar_rl.learner import thinking_loss
 from qstar_rl.rollout import rollout
@@ -130,8 +130,7 @@ def step_point(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory(prefix="qbench") as tmp:
         config = load_config(DEFAULT, [*spec["overrides"], f"train.run_dir={tmp}", "train.steps=100"])
-        restart_with_cpu_allocator(config.model)  # jemalloc where the trainer would have it
-        configure_cpu_allocator(config.model)  # as the trainer does
+        use_the_trainers_cpu_allocator(config.model)
         _, world, local_rank = init_distributed()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         model, tokenizer, engine, full_weights = build_thinking_engine(config, world)

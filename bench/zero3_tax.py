@@ -37,7 +37,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import RESULTS, median_interval, peak, print_table, reset_peak, run_point, write_results
+from common import (
+    RESULTS,
+    median_interval,
+    peak,
+    print_table,
+    reset_peak,
+    run_point,
+    use_the_trainers_cpu_allocator,
+    write_results,
+)
 
 from qstar_rl.config import Config, load_config
 from qstar_rl.data import WindowStream
@@ -45,10 +54,8 @@ from qstar_rl.engine import (
     PlainEngine,
     all_reduce_sum,
     build_thinking_engine,
-    configure_cpu_allocator,
     init_distributed,
     resolve_dtype,
-    restart_with_cpu_allocator,
 )
 from qstar_rl.learner import train_step
 from qstar_rl.loading import load_lm
@@ -65,8 +72,7 @@ WARMUP_STEPS = 2
 
 def build(kind: str, config: Config):
     """(model, tokenizer, engine, full_weights, world) for one of KINDS."""
-    restart_with_cpu_allocator(config.model)  # jemalloc where the trainer would have it
-    configure_cpu_allocator(config.model)  # as the trainer does for its own engines
+    use_the_trainers_cpu_allocator(config.model)
     if kind == "zero3":
         _, world, _ = init_distributed()
         model, tokenizer, engine, full_weights = build_thinking_engine(config, world)
